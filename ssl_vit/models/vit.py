@@ -1,0 +1,340 @@
+"""The shared ViT encoder (Dosovitskiy et al. 2021), built from timm's layers.
+
+One module serves every task: supervised classification, MAE pre-training (which runs the
+blocks on the visible patches only, He et al. 2022 §3) and DeiT distillation (a second prefix
+token, Touvron et al. 2021 §4). Parameter names equal timm's `VisionTransformer` /
+`VisionTransformerDistilled`, so timm, official MAE and DeiT state dicts load without renaming
+and our exports load in timm.
+
+    image [B, C, H, W]
+      -> patch_embed                      [B, L, D]      (conv patchify, or a timm CNN + 1x1 proj)
+      -> + pos_embed (patch part)         [B, L, D]
+      -> keep ids_keep (MAE)              [B, K, D]
+      -> prepend cls (+ dist) tokens      [B, P + K, D]  (each with its own position embedding)
+      -> blocks -> norm                   [B, P + K, D]
+      -> pool (cls token | mean) -> fc_norm -> head
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import HybridEmbed, LayerNorm, PatchEmbed, calculate_drop_path_rates, trunc_normal_
+from timm.models import checkpoint_seq, named_apply
+from timm.models.vision_transformer import Block, init_weights_vit_timm
+
+# Widths, depths and heads of the named sizes: ViT-B/L/H from Dosovitskiy et al. 2021, table 1;
+# ViT-Ti/S from DeiT (Touvron et al. 2021, table 1). All use an MLP ratio of 4.
+ARCHS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def create_encoder(name: str = "vit_base_patch16", **overrides: Any) -> "VisionTransformer":
+    """Build a named encoder; any constructor argument of `VisionTransformer` may be overridden.
+
+    >>> enc = create_encoder("vit_base_patch16", img_size=224, num_classes=1000)
+    """
+    if name not in ARCHS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ARCHS)} "
+                         "(and override embed_dim/depth/num_heads/patch_size for custom sizes)")
+    unknown = set(overrides) - set(ENCODER_OPTIONS)
+    if unknown:
+        raise TypeError(f"create_encoder({name!r}) got unknown option(s) {sorted(unknown)}; "
+                        f"valid options: {', '.join(ENCODER_OPTIONS)}")
+    kwargs = {**ARCHS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    if kwargs.get("patch_embed") == "hybrid" and overrides.get("patch_size") is None:
+        kwargs["patch_size"] = 1  # one token per CNN feature-map cell, as the ViT paper's hybrids
+    return VisionTransformer(arch=name, **kwargs)
+
+
+def sincos_2d_pos_embed(embed_dim: int, grid_size: Sequence[int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """MAE's fixed 2-D sine-cosine position table, [1, prefix + H*W, D] (He et al. 2022 §3, A.1).
+
+    Laid out exactly as MAE's `get_2d_sincos_pos_embed`: its meshgrid puts the *column* index
+    first, so the first D/2 channels encode the column and the last D/2 the row, each as
+    [sin(pos * w_k) | cos(pos * w_k)] with w_k = 1 / 10000^(k / (D/4)), k = 0..D/4-1. Prefix
+    tokens get zeros. Computed in float64 (as the released checkpoints were), stored as float32.
+    timm's `build_sincos2d_pos_embed` orders the channels differently, hence our own.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {embed_dim}")
+    height, width = grid_size
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:  # [H*W] -> [H*W, D/2]
+        angles = positions.reshape(-1, 1).double() * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    table = torch.cat([encode(cols), encode(rows)], dim=1)  # [H*W, D]
+    table = torch.cat([torch.zeros(num_prefix_tokens, embed_dim, dtype=torch.float64), table])
+    return table.float().unsqueeze(0)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder with timm's parameter names that can run on a subset of the patch tokens.
+
+    Args (keyword-only):
+        img_size: int or (H, W), a multiple of the patch size (of the CNN stride for hybrids).
+        patch_size: pixels per patch side; for `patch_embed="hybrid"` it is counted in CNN
+            feature-map cells (1 = one token per cell, as the ViT paper's hybrids).
+        num_classes: classifier outputs, 0 for features only.
+        global_pool: "token" (class token) or "avg" (mean of the patch tokens).
+        fc_norm: norm after pooling instead of before (None: on for "avg", as MAE fine-tuning).
+        pos_embed: "learn" (trained) or "sincos" (MAE's fixed table: a buffer, still saved).
+        class_token / dist_token: prefix tokens; `dist_token` adds DeiT's distillation token and,
+            with `num_classes > 0`, its `head_dist`.
+        layer_scale_init: LayerScale init value (CaiT / DeiT III), None for none.
+        patch_embed: "conv" (non-overlapping patches) or "hybrid" (a timm CNN's feature map).
+        backbone / backbone_stride: the timm CNN of a hybrid and which feature map (by stride) to use.
+    """
+
+    def __init__(
+            self,
+            *,
+            arch: str = "custom",
+            img_size: int | Sequence[int] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 0,
+            global_pool: str = "token",
+            fc_norm: Optional[bool] = None,
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            pos_embed: str = "learn",
+            class_token: bool = True,
+            dist_token: bool = False,
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            layer_scale_init: Optional[float] = None,
+            patch_embed: str = "conv",
+            backbone: Optional[str] = None,
+            backbone_stride: int = 16,
+    ) -> None:
+        super().__init__()
+        img_size = _pair(img_size, "img_size")
+        _check_options(global_pool=global_pool, pos_embed=pos_embed, patch_embed=patch_embed,
+                       class_token=class_token, dist_token=dist_token, backbone=backbone,
+                       embed_dim=embed_dim, num_heads=num_heads)
+        # Recorded so that exports can say exactly how to rebuild this encoder.
+        self.config = dict(
+            arch=arch, img_size=list(img_size), patch_size=patch_size, in_chans=in_chans,
+            num_classes=num_classes, global_pool=global_pool, fc_norm=fc_norm, embed_dim=embed_dim,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+            pos_embed=pos_embed, class_token=class_token, dist_token=dist_token, drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate, layer_scale_init=layer_scale_init, patch_embed=patch_embed,
+            backbone=backbone, backbone_stride=backbone_stride)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = int(class_token) + int(dist_token)
+        self.no_embed_class = False  # position embeddings cover the prefix tokens (timm/DeiT layout)
+        self.grad_checkpointing = False
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+
+        if patch_embed == "hybrid":
+            self.patch_embed = HybridEmbed(_hybrid_backbone(backbone, backbone_stride, in_chans),
+                                           img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                           embed_dim=embed_dim)
+        else:
+            _check_divisible(img_size, patch_size)
+            self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                          embed_dim=embed_dim)
+        num_patches = self.patch_embed.num_patches
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if dist_token else None
+        embed_len = self.num_prefix_tokens + num_patches
+        if pos_embed == "sincos":
+            # Fixed, not trained (MAE §3); a persistent buffer so checkpoints carry it, as MAE's do.
+            self.register_buffer("pos_embed", sincos_2d_pos_embed(
+                embed_dim, self.patch_embed.grid_size, self.num_prefix_tokens))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
+
+        drop_path_rates = calculate_drop_path_rates(drop_path_rate, depth)  # linear rule, DeiT §6
+        self.blocks = nn.Sequential(*[
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                  init_values=layer_scale_init, drop_path=drop_path_rates[i], norm_layer=LayerNorm)
+            for i in range(depth)])
+        self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim)
+        self.fc_norm = LayerNorm(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = None
+        if dist_token:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ---------------------------------------------------------------------------------------
+    # initialisation: timm's ViT scheme (MAE and DeiT re-initialise what they need to)
+
+    def init_weights(self) -> None:
+        if isinstance(self.pos_embed, nn.Parameter):
+            trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            trunc_normal_(self.dist_token, std=0.02)
+        # needs_reset=False: a hybrid's CNN keeps timm's own initialisation, as in timm's ViT
+        named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
+
+    # ---------------------------------------------------------------------------------------
+    # forward
+
+    def prefix_tokens(self, batch_size: int) -> list[torch.Tensor]:
+        """Class (and distillation) tokens with their position embeddings added, each [B, 1, D]."""
+        tokens = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        return [(t + self.pos_embed[:, i:i + 1]).expand(batch_size, -1, -1) for i, t in enumerate(tokens)]
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embedding plus position embedding, before any masking: [B, C, H, W] -> [B, L, D]."""
+        x = self.patch_embed(images)
+        return x + self.pos_embed[:, self.num_prefix_tokens:]
+
+    def forward_features(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All tokens after the final norm, [B, P + L, D]; with `ids_keep` [B, K] only those patch
+        tokens (in that order) plus the P prefix tokens go through the blocks: [B, P + K, D]."""
+        x = self.embed_patches(images)                          # [B, L, D]
+        if ids_keep is not None:
+            x = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
+        x = torch.cat([*self.prefix_tokens(x.shape[0]), x], dim=1)  # [B, P + K, D]
+        return self.run_blocks(x)
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer blocks and the final norm on a token sequence [B, N, D]."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> [B, D]: the class token, or the mean of the patch tokens."""
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        return x[:, 0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits [B, num_classes] from `forward_features`' output. With a distillation token, the
+        mean of both heads' logits (DeiT's inference rule, §5); `forward_heads` gives each."""
+        if self.head_dist is not None:
+            logits, logits_dist = self.forward_heads(x, pre_logits=pre_logits)
+            return (logits + logits_dist) / 2
+        features = self.head_drop(self.fc_norm(self.pool(x)))
+        return features if pre_logits else self.head(features)
+
+    def forward_heads(self, x: torch.Tensor, pre_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class-token logits, distillation-token logits) of a DeiT-distilled encoder."""
+        if self.head_dist is None:
+            raise RuntimeError("forward_heads needs an encoder built with dist_token=True")
+        cls_features, dist_features = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+        if pre_logits:
+            return cls_features, dist_features
+        return self.head(cls_features), self.head_dist(dist_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    # ---------------------------------------------------------------------------------------
+    # what optimisers and wrappers ask of a timm model
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per patch side (for a hybrid: CNN stride times patch size in feature cells)."""
+        if isinstance(self.patch_embed, HybridEmbed):
+            return self.patch_embed.feat_ratio()
+        return self.patch_embed.patch_size[0]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "dist_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's grouping (stem, then one group per block, final norm with the last block),
+        used by timm's layer-wise lr decay."""
+        return dict(stem=r"^cls_token|dist_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = self.config["num_classes"] = num_classes
+        device = self.blocks[0].norm1.weight.device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes else nn.Identity()
+        if self.dist_token is not None:
+            self.head_dist = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes else nn.Identity()
+
+
+ENCODER_OPTIONS = [name for name in VisionTransformer.__init__.__kwdefaults__ if name != "arch"]
+
+
+# -------------------------------------------------------------------------------------------
+# helpers that only the constructor uses
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or [height, width], got {list(value)}")
+    return value
+
+
+def _check_divisible(img_size: tuple[int, int], patch_size: int) -> None:
+    if img_size[0] % patch_size or img_size[1] % patch_size:
+        raise ValueError(f"img_size {list(img_size)} is not a multiple of patch_size {patch_size}; "
+                         f"use e.g. img_size={math.ceil(img_size[0] / patch_size) * patch_size}")
+
+
+def _check_options(*, global_pool, pos_embed, patch_embed, class_token, dist_token, backbone,
+                   embed_dim, num_heads) -> None:
+    if global_pool not in ("token", "avg"):
+        raise ValueError(f"global_pool={global_pool!r}: use 'token' (class token) or 'avg' (mean pooling)")
+    if global_pool == "token" and not class_token:
+        raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
+    if dist_token and not class_token:
+        raise ValueError("dist_token=True needs class_token=True (DeiT puts it second, after the class token)")
+    if dist_token and global_pool != "token":
+        raise ValueError("dist_token=True reads the class and distillation tokens: use global_pool='token'")
+    if pos_embed not in ("learn", "sincos"):
+        raise ValueError(f"pos_embed={pos_embed!r}: use 'learn' or 'sincos' (MAE's fixed table)")
+    if patch_embed not in ("conv", "hybrid"):
+        raise ValueError(f"patch_embed={patch_embed!r}: use 'conv' or 'hybrid' (with backbone=<timm CNN>)")
+    if patch_embed == "hybrid" and not backbone:
+        raise ValueError("patch_embed='hybrid' needs backbone=<a timm CNN name>, e.g. backbone='resnet26d'")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+
+
+def _hybrid_backbone(name: str, stride: int, in_chans: int) -> nn.Module:
+    """A randomly initialised timm CNN cut after the stage whose output has `stride` (the ViT
+    paper's hybrids read the stride-16 map of a ResNet, Dosovitskiy et al. 2021 §3.1)."""
+    import timm
+
+    probe = timm.create_model(name, pretrained=False, features_only=True, in_chans=in_chans)
+    reductions = probe.feature_info.reduction()
+    if stride not in reductions:
+        raise ValueError(f"backbone {name!r} has feature maps at strides {reductions}, not {stride}; "
+                         f"set backbone_stride to one of them")
+    index = probe.feature_info.out_indices[reductions.index(stride)]
+    return timm.create_model(name, pretrained=False, features_only=True, out_indices=(index,),
+                             in_chans=in_chans)
