@@ -72,12 +72,19 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     name: str = "shards"                  # shards (data.train / data.val) | digits (embedded)
-    train: Optional[str] = None           # brace pattern, comma list, pipe: command, or index .json
-    val: Optional[str] = None
+    train: Any = None                     # brace pattern, a::b, [list], pipe: command, or index .json
+    val: Any = None
     batch_size: int = 64                  # per device; optim.batch_size is the global batch
     num_workers: int = 8
     samples_per_epoch: Optional[int] = None  # None: the shard index's count
-    shuffle_buffer: int = 5000
+    shuffle_buffer: int = 5000            # samples, per loader worker
+    # worker-side augmentation (ssl_vit/data/transforms.py)
+    train_transform: str = "rrc"          # rrc | randaug | eval
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.5
+    auto_augment: Optional[str] = None    # timm RandAugment spec for randaug, e.g. rand-m9-mstd0.5-inc1
+    crop_pct: float = 0.875               # eval: resize to img_size / crop_pct, centre crop
+    random_erasing: float = 0.0           # on the device, after normalisation
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet statistics
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -139,6 +146,7 @@ CHOICES = {
     "model.patch_embed": ("conv", "hybrid"),
     "task.name": ("mae",),
     "data.name": ("shards", "digits"),
+    "data.train_transform": ("rrc", "randaug", "eval"),
     "optim.name": ("adamw", "lars"),
     "train.precision": ("auto", "bf16", "fp16", "no"),
 }
@@ -372,6 +380,20 @@ def validate(cfg: DictConfig) -> None:
     if cfg.optim.epochs <= 0 or not 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs:
         raise ConfigError(f"need 0 <= optim.warmup_epochs ({cfg.optim.warmup_epochs}) <= optim.epochs "
                           f"({cfg.optim.epochs}) and optim.epochs > 0")
+    for split in ("train", "val"):
+        spec = cfg.data[split]
+        if spec is not None and not isinstance(spec, str) and not (
+                OmegaConf.is_list(spec) and all(isinstance(s, str) for s in spec)):
+            raise ConfigError(f"data.{split}={_show(spec)}: give a shard pattern, a list of shards or an index .json")
+    scale = list(cfg.data.crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale={scale}: need [min, max] with 0 < min <= max <= 1, e.g. [0.2,1.0]")
+    if not 0 <= cfg.data.hflip <= 1 or not 0 <= cfg.data.random_erasing <= 1:
+        raise ConfigError("data.hflip and data.random_erasing are probabilities in [0, 1]")
+    if not 0 < cfg.data.crop_pct <= 1:
+        raise ConfigError(f"data.crop_pct={cfg.data.crop_pct} must be in (0, 1]")
+    if cfg.data.train_transform == "randaug" and not cfg.data.auto_augment:
+        raise ConfigError("data.train_transform=randaug needs data.auto_augment, e.g. rand-m9-mstd0.5-inc1")
     if len(cfg.data.mean) != cfg.model.in_chans or len(cfg.data.std) != cfg.model.in_chans:
         raise ConfigError(f"data.mean / data.std need {cfg.model.in_chans} values (model.in_chans)")
 

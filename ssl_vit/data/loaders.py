@@ -1,0 +1,86 @@
+"""Recipe-level builders of the training and evaluation loaders."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from torch.utils.data import DataLoader
+
+from ..config import ConfigError
+from .digits import digits_index
+from .sources import ShardSource, read_index, resolve
+from .stream import ShardStream, make_loader
+from .transforms import build_transform
+
+
+def shard_source(cfg, split: str) -> ShardSource:
+    """The shards of `split` ("train" or "val") named by the recipe (or the embedded digits)."""
+    if cfg.data.name == "digits":
+        return read_index(digits_index(split), f"digits {split}")
+    spec = cfg.data[split]
+    if not spec:
+        from ..config import check_data
+
+        check_data(cfg, [split])
+    return resolve(spec if isinstance(spec, str) else list(spec), f"data.{split}")
+
+
+def samples_per_epoch(cfg, source: ShardSource) -> int:
+    if cfg.data.samples_per_epoch:
+        return int(cfg.data.samples_per_epoch)
+    if source.num_samples is None:
+        raise ConfigError(f"cannot tell how many samples data.train={source.spec!r} holds: point it at the "
+                          "index written by make_shards.py (e.g. data.train=shards/NAME.json), or set "
+                          "data.samples_per_epoch")
+    return source.num_samples
+
+
+def _img_size(cfg) -> list[int]:
+    size = cfg.model.img_size
+    return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+
+
+@dataclass
+class TrainData:
+    stream: ShardStream
+    loader: DataLoader
+    source: ShardSource
+    batches_per_epoch: int
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
+        """The batches of one epoch on this rank; `skip_batches` resumes inside an epoch."""
+        self.stream.epoch, self.stream.skip_batches = epoch, skip_batches
+        return iter(self.loader)
+
+
+@dataclass
+class EvalData:
+    stream: ShardStream
+    loader: DataLoader
+    source: ShardSource
+
+    @property
+    def num_samples(self) -> Optional[int]:
+        return self.source.num_samples
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.loader)
+
+
+def build_train_loader(cfg, *, batches_per_epoch: int, rank: int = 0, world_size: int = 1,
+                       source: Optional[ShardSource] = None) -> TrainData:
+    source = source or shard_source(cfg, "train")
+    stream = ShardStream(source.urls, build_transform(cfg.data, _img_size(cfg), training=True),
+                         batch_size=cfg.data.batch_size, training=True, seed=cfg.train.seed, rank=rank,
+                         world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
+                         batches_per_epoch=batches_per_epoch, counts=source.counts)
+    return TrainData(stream, make_loader(stream, cfg.data.num_workers), source, batches_per_epoch)
+
+
+def build_eval_loader(cfg, split: str = "val", *, rank: int = 0, world_size: int = 1,
+                      batch_size: Optional[int] = None, training_transform: bool = False) -> EvalData:
+    source = shard_source(cfg, split)
+    transform = build_transform(cfg.data, _img_size(cfg), training=training_transform)
+    stream = ShardStream(source.urls, transform, batch_size=batch_size or cfg.data.batch_size, training=False,
+                         seed=cfg.train.seed, rank=rank, world_size=world_size, counts=source.counts)
+    return EvalData(stream, make_loader(stream, cfg.data.num_workers), source)

@@ -1,0 +1,189 @@
+"""Streaming batches from tar shards: every rank the same number of batches, every sample once.
+
+One copy of `ShardStream` runs in each DataLoader worker of each rank; (rank, worker) is its
+"slot" among world_size x num_workers slots.
+
+training, epoch e (a fixed number of batches per rank: samples_per_epoch // global batch x accum)
+    shard list, shuffled with seed (seed, e, pass)     the same order on every rank, new every epoch
+      -> this slot's share: whole shards dealt to balance sample counts, or every slots-th
+         sample when shards are few or uneven (see _my_shards)
+      -> tar samples (webdataset) -> shuffle buffer (raw bytes, seeded per slot)
+      -> skip what a resumed run had already consumed (no decoding)
+      -> decode + augment (RNG seeded per sample, so a resumed run sees the same crops)
+      -> batches of data.batch_size, yielded until this worker's share of the epoch's batches
+    A slot that runs out of shards starts its share of the next pass: ranks never wait on each
+    other, and DDP never hangs on a rank with fewer batches.
+evaluation
+    shards in order, this slot's share, each sample exactly once over all ranks, no padding,
+    the last batch may be short; metrics are then summed over ranks.
+
+Corrupt images and truncated tars are skipped and counted (a warning for the first and then
+every 1000th), without webdataset's sleeping handlers.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+from webdataset.utils import make_seed
+
+from .transforms import IMAGE_KEYS
+
+REPORT_EVERY = 1000
+
+
+class ErrorCounter:
+    """Counts skipped samples and shards in one worker; prints the first and then every Nth."""
+
+    def __init__(self, where: str):
+        self.where, self.count = where, 0
+
+    def __call__(self, error: BaseException) -> bool:
+        self.count += 1
+        if self.count == 1 or self.count % REPORT_EVERY == 0:
+            print(f"warning: [{self.where}] skipped a broken sample or shard ({self.count} so far): "
+                  f"{type(error).__name__}: {str(error)[:300]}", file=sys.stderr, flush=True)
+        return True  # keep going
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, urls: list[str], transform: Callable[[bytes], torch.Tensor], *, batch_size: int,
+                 training: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 1000, batches_per_epoch: Optional[int] = None,
+                 counts: Optional[list[int]] = None):
+        super().__init__()
+        if training and not batches_per_epoch:
+            raise ValueError("a training stream needs batches_per_epoch")
+        self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
+        self.counts = list(counts) if counts else None
+        self.training, self.seed, self.rank, self.world_size = training, seed, rank, world_size
+        self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
+        self.epoch, self.skip_batches = 0, 0
+
+    # --- which worker am I, and what is my share -------------------------------------------
+
+    def _slot(self) -> tuple[int, int, int, int]:
+        """(slot, slots, worker, workers). The DataLoader takes batches from its workers in turn,
+        starting with worker 0; a run resumed after `skip_batches` must continue with the worker
+        whose turn it was, so worker ids are rotated by that many places."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.training:
+            worker = (worker + self.skip_batches) % workers
+        return self.rank * workers + worker, self.world_size * workers, worker, workers
+
+    @staticmethod
+    def _share(total: int, part: int, parts: int) -> int:
+        """Batches `part` gets when `total` batches are dealt round-robin over `parts` (as the
+        DataLoader collects from its workers)."""
+        return total // parts + (part < total % parts)
+
+    # --- raw samples ------------------------------------------------------------------------
+
+    def _my_shards(self, order: list[int], slot: int, slots: int) -> tuple[list[str], bool]:
+        """This slot's shards (in `order`), and whether it owns whole shards (else every slots-th
+        sample of all of them). Whole shards are dealt to balance sample counts when they are known;
+        when a shard is a large part of a slot's share (few or uneven shards, like the digits set),
+        the split is by sample, which is exact whatever the sizes."""
+        counts = self.counts
+        if len(order) < slots or (counts and max(counts) > 0.1 * sum(counts) / slots):
+            return [self.urls[i] for i in order], False
+        if not counts:
+            return [self.urls[i] for i in order[slot::slots]], True
+        load, mine = [0] * slots, []
+        for i in order:  # greedy: the next shard goes to the slot with the fewest samples so far
+            target = min(range(slots), key=load.__getitem__)
+            load[target] += counts[i]
+            if target == slot:
+                mine.append(self.urls[i])
+        return mine, True
+
+    def _raw(self, slot: int, slots: int, errors: ErrorCounter) -> Iterator[dict]:
+        """This slot's samples, pass after pass (training) or once (evaluation). The shuffle buffer
+        is emptied at the end of each pass, so no sample comes twice before the pass is over."""
+        passes = range(sys.maxsize) if self.training else range(1)
+        for pass_number in passes:
+            order = list(range(len(self.urls)))
+            if self.training:  # the same permutation on every rank: then the split is disjoint
+                random.Random(make_seed(self.seed, self.epoch, pass_number)).shuffle(order)
+            mine, by_shard = self._my_shards(order, slot, slots)
+            samples = tarfile_samples(({"url": url} for url in mine), handler=errors)
+            mine_only = (s for i, s in enumerate(samples) if by_shard or i % slots == slot)
+            count = 0
+            for count, sample in enumerate(self._shuffled(mine_only, make_seed(slot, pass_number)), 1):
+                yield sample
+            if not count and mine:  # a pass that reads nothing would loop forever
+                raise RuntimeError(f"no readable samples in {len(mine)} shard(s), e.g. {mine[0]}: "
+                                   f"{errors.count} errors so far")
+
+    def _shuffled(self, samples: Iterator[dict], stream_seed: int) -> Iterator[dict]:
+        if not self.training or self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        rng = random.Random(make_seed(self.seed, self.epoch, stream_seed))
+        buffer: list[dict] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    # --- decoded batches --------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots, worker, workers = self._slot()
+        errors = ErrorCounter(f"rank {self.rank} worker {worker}")
+        samples = self._raw(slot, slots, errors)
+        quota = self._share(self.batches_per_epoch, worker, workers) if self.training else None
+        skipped = self._share(self.skip_batches, worker, workers) if self.training else 0
+        to_skip, produced, position = skipped * self.batch_size, skipped, 0
+        images, labels, keys = [], [], []
+        for sample in samples:
+            if quota is not None and produced >= quota:
+                return
+            position += 1
+            if position <= to_skip:
+                continue  # a resumed run: already trained on; skip without decoding
+            if self.training:  # augmentations seeded per sample: identical after a resume
+                sample_seed = make_seed(self.seed, self.epoch, slot, position)
+                # the CPU generator only: torch.manual_seed would also queue seeds for every
+                # accelerator backend, formatting a stack trace each time (~1 ms per sample)
+                torch.default_generator.manual_seed(sample_seed)
+                random.seed(sample_seed)
+            try:
+                image, label = self._decode(sample)
+            except Exception as error:
+                errors(RuntimeError(f"{sample.get('__key__')} in {sample.get('__url__')}: {error}"))
+                continue
+            images.append(image), labels.append(label), keys.append(sample["__key__"])
+            if len(images) == self.batch_size:
+                yield self._batch(images, labels, keys)
+                produced += 1
+                images, labels, keys = [], [], []
+        if images and not self.training:
+            yield self._batch(images, labels, keys)
+
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise ValueError(f"no image in sample (has {sorted(k for k in sample if not k.startswith('__'))})")
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return self.transform(sample[key]), label
+
+    @staticmethod
+    def _batch(images: list, labels: list, keys: list) -> dict:
+        return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long), "keys": keys}
+
+
+def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+    """Batches are made in the workers; the DataLoader only moves them (batch_size=None)."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False)
