@@ -116,6 +116,7 @@ class TrainConfig:
     max_steps: Optional[int] = None       # stop early; the schedule still follows optim.epochs
     checkpoint_every: int = 1000          # optimizer steps
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10         # stop (with a checkpoint) after this many skipped steps in a row
 
 
 @dataclass
@@ -363,7 +364,7 @@ def validate(cfg: DictConfig) -> None:
     if sizes is None or not all(isinstance(s, int) and s > 0 for s in sizes):
         raise ConfigError(f"model.img_size={_show(img_size)}: give a positive int or [height,width], e.g. model.img_size=224")
     for key in ("data.batch_size", "optim.batch_size", "optim.lr_base_batch", "train.checkpoint_every",
-                "train.keep_checkpoints", "log.every", "log.images_every"):
+                "train.keep_checkpoints", "train.max_nonfinite_steps", "log.every", "log.images_every"):
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be positive")
     if cfg.data.num_workers < 0:

@@ -5,6 +5,11 @@
         images/s of our MAE pre-training input pipeline (shards -> uint8 batches) against
         torchvision ImageFolder + DataLoader with the same transform and worker count, on
         synthetic ImageNet-sized JPEGs; plus single-image JPEG decode times.
+    python tools/benchmark.py mae    [--arch vit_base_patch16] [--batch 8] [--precision bf16]
+        images/s of a full MAE training step on one process, its FLOPs per image (counted by
+        torch.utils.flop_counter), the achieved FLOP/s as a fraction of a matrix-multiply peak
+        measured in the same run, for several ways of executing the same step; and the same
+        step with masking off (all tokens through the encoder) to show MAE's speed-up.
 """
 from __future__ import annotations
 
@@ -160,6 +165,128 @@ def bench_data(args) -> dict:
 
 
 # -------------------------------------------------------------------------------------------
+# MAE training step
+
+# Each variant runs in a fresh process (allocator settings and kernels chosen at start-up must not
+# leak from one to the next); they differ only in how the step executes, never in its maths.
+MAE_VARIANTS = {
+    "eager": "what pretrain.py runs: autocast bf16, fused AdamW, SDPA's default (CPU flash) attention",
+    "adamw_foreach": "torch's default AdamW implementation (foreach) instead of the fused kernel",
+    "math_attention": "SDPA restricted to its math kernel (matmul + softmax) for these short sequences",
+    "keep_memory": "glibc keeps freed memory (mallopt) instead of returning it, so the fp32 gradient "
+                   "buffers of each step are not page-faulted in again",
+    "compile": "torch.compile of the model",
+}
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the system."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, <malloc.h>
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 34)
+
+
+def mae_step_worker(args) -> dict:
+    """Runs in the child process: time a full MAE training step (forward, backward, AdamW)."""
+    import contextlib
+
+    variant = args.variant
+    if variant == "keep_memory":
+        keep_freed_memory()
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ssl_vit import config
+    from ssl_vit.flops import training_flops_per_image
+    from ssl_vit.tasks import build
+
+    torch.manual_seed(0)
+    overrides = [f"model.arch={args.arch}", f"task.mask_ratio={args.mask_ratio}"]
+    cfg = config.load(["recipe=mae_base", *overrides])
+    model = build(cfg)
+    fused = variant != "adamw_foreach"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+    size = cfg.model.img_size
+    images = torch.randn(args.batch, 3, size, size)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=args.precision != "no")
+    attention = sdpa_kernel(SDPBackend.MATH) if variant == "math_attention" else contextlib.nullcontext()
+    forward = torch.compile(model) if variant == "compile" else model
+
+    def loss(module=forward):
+        with autocast:
+            return module(images).loss
+
+    def step():
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # counted on the eager model with PyTorch's default attention: every variant is credited the same work
+    flops = training_flops_per_image(lambda: loss(model), args.batch)
+    optimizer.zero_grad(set_to_none=True)
+    with attention:
+        for _ in range(args.warmup):
+            step()
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {"step_s": seconds, "img_s": args.batch / seconds, "flops_per_image": flops}
+
+
+def bench_mae(args) -> dict:
+    import subprocess
+
+    import torch
+
+    from ssl_vit.flops import measured_matmul_peak
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
+    torch.set_num_threads(os.cpu_count() or 1)
+    peak = measured_matmul_peak(torch.device("cpu"), dtype)
+    variants = ["eager"] + [v for v in args.variants if v != "eager"]
+    runs = [(name, args.mask_ratio) for name in variants] + [("eager", 0.0)]
+    results = {}
+    for name, mask_ratio in runs:
+        key = name if mask_ratio == args.mask_ratio else f"{name}, no masking"
+        command = [sys.executable, __file__, "mae-step", "--variant", name, "--arch", args.arch, "--batch",
+                   str(args.batch), "--precision", args.precision, "--mask-ratio", str(mask_ratio), "--steps",
+                   str(args.steps), "--warmup", str(args.warmup)]
+        print(f"timing {key} ...", flush=True)
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        results[key] = json.loads(output.strip().splitlines()[-1])
+    baseline = results["eager"]["img_s"]
+    best = max((k for k in results if "no masking" not in k), key=lambda k: results[k]["img_s"])
+    print(f"\nMAE training step (forward + backward + fused AdamW), {args.arch}, batch {args.batch}, "
+          f"{args.precision} autocast, one process on {os.cpu_count()} CPU cores; median of {args.steps} steps")
+    print(f"matrix-multiply peak measured here ({args.precision}, 2048x2048): {peak / 1e9:.0f} GFLOP/s\n")
+    print("| variant | s/step | images/s | GFLOP/image | GFLOP/s | of matmul peak | vs eager |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for key, r in results.items():
+        achieved = r["flops_per_image"] * r["img_s"]
+        print(f"| {key} | {r['step_s']:.3f} | {r['img_s']:.2f} | {r['flops_per_image'] / 1e9:.1f} | "
+              f"{achieved / 1e9:.0f} | {achieved / peak:.0%} | {r['img_s'] / baseline:.2f}x |")
+    speedup = results["eager"]["img_s"] / results["eager, no masking"]["img_s"]
+    print(f"\nmasking {args.mask_ratio:.0%} of the patches makes the step {speedup:.2f}x faster")
+    for name in variants:
+        print(f"- {name}: {MAE_VARIANTS[name]}")
+    figures = {"arch": args.arch, "batch": args.batch, "precision": args.precision,
+               "matmul_peak_flops": peak, "best_variant": best, "masking_speedup": speedup}
+    for key, r in results.items():
+        slug = key.replace(", no masking", "_unmasked").replace("+", "_")
+        figures.update({f"{slug}_img_s": r["img_s"], f"{slug}_step_s": r["step_s"],
+                        f"{slug}_flops_per_image": r["flops_per_image"],
+                        f"{slug}_fraction_of_peak": r["flops_per_image"] * r["img_s"] / peak})
+    return figures
+
+
+# -------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -173,9 +300,28 @@ def main(argv=None) -> int:
     data.add_argument("--repeats", type=int, default=3, help="timed runs of each pipeline (default 3)")
     data.add_argument("--img-size", type=int, default=224)
     data.add_argument("--keep", default=None, help="folder for the images and shards (default: a temporary one)")
+    mae = commands.add_parser("mae", help="MAE training step: images/s, FLOPs, fraction of the matmul peak")
+    mae.add_argument("--arch", default="vit_base_patch16")
+    mae.add_argument("--batch", type=int, default=8)
+    mae.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
+    mae.add_argument("--mask-ratio", type=float, default=0.75)
+    mae.add_argument("--steps", type=int, default=8, help="timed steps per variant (default 8)")
+    mae.add_argument("--warmup", type=int, default=2)
+    mae.add_argument("--variants", nargs="+", default=["adamw_foreach", "math_attention", "keep_memory"],
+                     choices=list(MAE_VARIANTS), help="ways of running the same step, each compared with "
+                     "'eager' (what pretrain.py does, also timed without masking); 'compile' is slow to start")
+    worker = commands.add_parser("mae-step", help=argparse.SUPPRESS)
+    for name, default in (("--variant", "eager"), ("--arch", "vit_base_patch16"), ("--precision", "bf16")):
+        worker.add_argument(name, default=default)
+    for name, default in (("--batch", 8), ("--steps", 8), ("--warmup", 2)):
+        worker.add_argument(name, type=int, default=default)
+    worker.add_argument("--mask-ratio", type=float, default=0.75)
     args = parser.parse_args(argv)
 
-    figures = {"data": bench_data}[args.command](args)
+    if args.command == "mae-step":
+        print(json.dumps(mae_step_worker(args)))
+        return 0
+    figures = {"data": bench_data, "mae": bench_mae}[args.command](args)
     print(json.dumps({"benchmark": args.command, **{k: round(v, 4) if isinstance(v, float) else v
                                                       for k, v in figures.items()}}))
     return 0

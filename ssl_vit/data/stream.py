@@ -184,6 +184,9 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
-    """Batches are made in the workers; the DataLoader only moves them (batch_size=None)."""
+    """Batches are made in the workers; the DataLoader only moves them (batch_size=None). It gets
+    its own generator: drawing worker seeds from the global one at every epoch would shift the
+    training RNG (MAE's masks) differently in a resumed run."""
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False)
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False,
+                      generator=torch.Generator())

@@ -1,0 +1,172 @@
+"""Masked autoencoder (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners").
+
+Reads top to bottom like the paper's figure 1:
+
+    images [N, C, H, W]
+      -> patchify                     targets [N, L, p*p*C]
+      -> random_masking               keep (1 - mask_ratio) of the L patches per sample (§3)
+      -> forward_encoder              the shared encoder on the visible patches only [N, 1 + K, D]
+      -> forward_decoder              + mask tokens, unshuffle, fixed sin-cos positions,
+                                      lightweight blocks -> pixels [N, L, p*p*C]
+      -> forward_loss                 MSE on the masked patches only, optionally against
+                                      per-patch normalised pixels (norm_pix_loss, table 1c)
+
+Parameter names follow the reference code (`decoder_embed`, `mask_token`, `decoder_pos_embed`,
+`decoder_blocks`, `decoder_norm`, `decoder_pred`; the encoder's under `encoder.`), so official
+MAE checkpoints, with or without the decoder, load through `ssl_vit.load_weights`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from timm.layers import LayerNorm
+from timm.models.vision_transformer import Block
+
+from ..models.vit import VisionTransformer, sincos_2d_pos_embed
+
+
+@dataclass
+class MAEOutput:
+    loss: torch.Tensor                  # scalar
+    pred: torch.Tensor                  # [N, L, p*p*C], in the (normalised, if norm_pix_loss) target space
+    mask: torch.Tensor                  # [N, L], 1 = masked (removed), 0 = visible
+    metrics: dict = field(default_factory=dict)
+
+
+class MAE(nn.Module):
+    def __init__(self, encoder: VisionTransformer, *, decoder_dim: int = 512, decoder_depth: int = 8,
+                 decoder_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
+                 mlp_ratio: float = 4.0):
+        super().__init__()
+        if encoder.cls_token is None or encoder.dist_token is not None:
+            raise ValueError("MAE's encoder has exactly one prefix token, the class token (class_token=True, "
+                             "dist_token=False)")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio={mask_ratio} must be in [0, 1)")
+        self.encoder = encoder
+        self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        self.patch = encoder.patch_size
+        self.in_chans = encoder.config["in_chans"]
+        num_patches = encoder.patch_embed.num_patches
+
+        # the lightweight decoder (§3, table 1a-b): its own width, fixed 2-D sin-cos positions
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed", sincos_2d_pos_embed(decoder_dim, encoder.grid_size, 1))
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch ** 2 * self.in_chans)
+        self.num_patches = num_patches
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """As the reference: xavier-uniform linears (the patch embedding too, viewed as a linear),
+        normal(0.02) class and mask tokens, zero biases, unit LayerNorms."""
+        patch_weight = self.encoder.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))
+        torch.nn.init.normal_(self.encoder.cls_token, std=0.02)
+        torch.nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------------------------------
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, L, p*p*C], patches in row-major order, pixels (p, q, c) as MAE."""
+        return rearrange(images, "n c (h p) (w q) -> n (h w) (p q c)", p=self.patch, q=self.patch)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """[N, L, p*p*C] -> [N, C, H, W]."""
+        height = self.encoder.grid_size[0]
+        return rearrange(patches, "n (h w) (p q c) -> n c (h p) (w q)", h=height, p=self.patch, q=self.patch)
+
+    def random_masking(self, batch_size: int, device: torch.device, noise: Optional[torch.Tensor] = None):
+        """Per-sample random masking by argsort of noise (§3): the patches with the smallest noise
+        are kept. Returns ids_keep [N, K], ids_restore [N, L] and mask [N, L] (1 = masked)."""
+        length = self.num_patches
+        keep = int(length * (1 - self.mask_ratio))
+        if noise is None:
+            noise = torch.rand(batch_size, length, device=device)   # [N, L] in [0, 1)
+        ids_shuffle = torch.argsort(noise, dim=1)                   # ascending: small is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]                            # [N, K]
+        mask = torch.ones(batch_size, length, device=device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)                   # [N, L], back in patch order
+        return ids_keep, ids_restore, mask
+
+    def forward_encoder(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None):
+        ids_keep, ids_restore, mask = self.random_masking(images.shape[0], images.device, noise)
+        latent = self.encoder.forward_features(images, ids_keep=ids_keep)  # [N, 1 + K, D]
+        return latent, mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)                               # [N, 1 + K, Dd]
+        n, visible = x.shape[0], x.shape[1] - 1
+        mask_tokens = self.mask_token.expand(n, ids_restore.shape[1] - visible, -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)          # [N, L, Dd], shuffled order
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # unshuffle
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed  # [N, 1 + L, Dd]
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))                  # [N, 1 + L, p*p*C]
+        return x[:, 1:]                                              # drop the class token
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """The pixels the decoder predicts: [N, L, p*p*C], per-patch normalised with norm_pix_loss
+        (mean and unbiased variance of each patch, + 1e-6, as the reference code)."""
+        target = self.patchify(images.float())
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        loss = (pred.float() - self.target(images)) ** 2
+        loss = loss.mean(dim=-1)                                     # [N, L], mean per patch
+        return (loss * mask).sum() / mask.sum()                      # mean over the masked patches
+
+    def forward(self, batch: Union[dict, torch.Tensor], noise: Optional[torch.Tensor] = None) -> MAEOutput:
+        images = batch["images"] if isinstance(batch, dict) else batch
+        if noise is None and isinstance(batch, dict):
+            noise = batch.get("noise")
+        latent, mask, ids_restore = self.forward_encoder(images, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(images, pred, mask)
+        return MAEOutput(loss=loss, pred=pred, mask=mask)
+
+    # ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Pictures for people, in the input's (normalised) pixel space [N, C, H, W]: the masked
+        input, the reconstruction and the reconstruction with the visible patches pasted back. With
+        norm_pix_loss the prediction is de-normalised with each patch's own statistics, as the
+        official MAE demo does."""
+        output = self.forward(images, noise)
+        pred = output.pred.float()
+        if self.norm_pix_loss:
+            patches = self.patchify(images.float())
+            mean = patches.mean(dim=-1, keepdim=True)
+            var = patches.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        mask = output.mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1])          # [N, L, p*p*C]
+        mask_image = self.unpatchify(mask)                                        # 1 = masked
+        reconstruction = self.unpatchify(pred)
+        return {"original": images.float(), "masked": images.float() * (1 - mask_image),
+                "reconstruction": reconstruction,
+                "pasted": images.float() * (1 - mask_image) + reconstruction * mask_image,
+                "mask": mask_image}

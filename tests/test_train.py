@@ -1,0 +1,284 @@
+"""The training loop end to end: real subprocess runs of pretrain.py on the digits set."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from ssl_vit import config
+from ssl_vit.optim import Schedule
+from ssl_vit.train import make_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+PRETRAIN = str(ROOT / "pretrain.py")
+# a small model and batch, so that every run takes seconds
+TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
+        "task.decoder_dim=32", "task.decoder_depth=1", "task.decoder_heads=2",
+        "data.batch_size=16", "optim.batch_size=32", "data.num_workers=1", "log.every=1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def env_with(cache):
+    return {**os.environ, "SSL_VIT_CACHE": cache, "OMP_NUM_THREADS": "1"}
+
+
+def pretrain(out, cache, *overrides, launcher=None, timeout=300, check=True):
+    command = [*(launcher or [sys.executable]), PRETRAIN, "recipe=mae_tiny_digits", f"train.output_dir={out}",
+               *TINY, *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, env=env_with(cache), timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def log_lines(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_plan_derives_accumulation_and_steps():
+    cfg = config.load(["recipe=mae_base", "data.batch_size=64"])
+    plan = make_plan(cfg, world_size=8, samples_per_epoch=1281167)
+    assert (plan.accumulation, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (8, 312, 249600, 12480)
+    assert plan.base_lr == pytest.approx(1.5e-4 * 4096 / 256)
+    with pytest.raises(config.ConfigError, match="not a multiple of data.batch_size=48"):
+        make_plan(config.load(["recipe=mae_base", "data.batch_size=48"]), world_size=8, samples_per_epoch=10 ** 6)
+
+
+def test_schedule_is_linear_warmup_then_cosine():
+    schedule = Schedule(base_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.5) and schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
+
+
+def test_a_short_run_trains_logs_checkpoints_and_exports(tmp_path, cache):
+    out = tmp_path / "run"
+    result = pretrain(out, cache, "train.max_steps=6", "train.checkpoint_every=4", "log.images_every=3")
+    assert "done: 6 steps" in result.stdout
+    for name in ("config.yaml", "plan.json", "log.jsonl", "backbone.safetensors", "backbone.json",
+                 "model.safetensors", "model.json"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    lines = log_lines(out)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert [line["samples"] for line in lines] == [32 * i for i in range(1, 7)]
+    assert all(key in lines[0] for key in ("loss", "lr", "grad_norm", "img_s", "epoch"))
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(events[0].parent)).Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/img_s"} <= set(accumulator.Tags()["scalars"])
+    assert "reconstructions" in accumulator.Tags()["images"]
+    # the resolved config is a recipe again
+    again = config.load([f"recipe={out / 'config.yaml'}"])
+    assert again.model.embed_dim == 32 and again.train.max_steps == 6
+    # the exported backbone is a timm model with the same features
+    description = json.loads((out / "backbone.json").read_text())
+    timm_model = eval(description["load_with_timm"], {"timm": timm}).eval()
+    from ssl_vit import create_encoder, load_weights
+    encoder = create_encoder("vit_tiny_patch16", **{k: v for k, v in description["encoder"].items() if k != "arch"})
+    load_weights(encoder, out / "backbone.safetensors", strict=True, verbose=False)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(timm_model(images), encoder.eval()(images), atol=1e-5)
+    # model.safetensors is the official MAE layout, decoder included
+    model = load_file(out / "model.safetensors")
+    assert "mask_token" in model and "decoder_pred.weight" in model and "blocks.0.attn.qkv.weight" in model
+
+
+def test_rerunning_a_finished_run_does_nothing(tmp_path, cache):
+    out = tmp_path / "run"
+    pretrain(out, cache, "train.max_steps=2")
+    result = pretrain(out, cache, "train.max_steps=2")
+    assert "nothing to do" in result.stdout
+
+
+def _final_weights(out):
+    return load_file(Path(out) / "model.safetensors")
+
+
+def test_killed_run_resumes_exactly(tmp_path, cache):
+    """SIGKILL after a checkpoint; the same command resumes and ends where an unbroken run ends,
+    with the same weights (data position, augmentations, masks and optimizer all restored)."""
+    steps = ["train.max_steps=9", "train.checkpoint_every=3", "train.keep_checkpoints=5"]
+    unbroken = tmp_path / "unbroken"
+    pretrain(unbroken, cache, *steps)
+    broken = tmp_path / "broken"
+    command = [sys.executable, PRETRAIN, "recipe=mae_tiny_digits", f"train.output_dir={broken}", *TINY, *steps]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_with(cache))
+    deadline = time.time() + 120
+    while not (broken / "checkpoints" / "step_00000003").is_dir():
+        assert time.time() < deadline and process.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = sorted(p.name for p in (broken / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert "step_00000009" not in done
+    result = pretrain(broken, cache, *steps)
+    assert "resumed from" in result.stdout
+    assert log_lines(broken)[-1]["step"] == 9
+    a, b = _final_weights(unbroken), _final_weights(broken)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signals_write_a_checkpoint_and_exit_0(tmp_path, cache, sig):
+    out = tmp_path / "run"
+    command = [sys.executable, PRETRAIN, "recipe=mae_tiny_digits", f"train.output_dir={out}", *TINY,
+               "train.max_steps=100000", "train.checkpoint_every=100000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=env_with(cache))
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").is_file() or len(log_lines(out)) < 2:
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(sig)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0
+    assert "preempted: checkpoint written at step" in stdout
+    checkpoints = [p for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")]
+    assert len(checkpoints) == 1
+    state = json.loads((checkpoints[0] / "train_state.json").read_text())
+    assert state["step"] >= 2 and checkpoints[0].name == f"step_{state['step']:08d}"
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, cache):
+    out = tmp_path / "run"
+    result = pretrain(out, cache, "optim.blr=1e30", "optim.warmup_epochs=0", "train.max_nonfinite_steps=3",
+                      "train.max_steps=40", check=False)
+    assert result.returncode == 1
+    assert "optimizer steps in a row had a non-finite loss or gradient" in result.stderr
+    lines = log_lines(out)
+    assert lines[-1]["nonfinite_total"] >= 3 and lines[-1]["skipped"] == 1
+    assert (out / "checkpoints").is_dir()
+
+
+DISTRIBUTED = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+
+
+def test_two_processes_train_with_the_same_global_batch_and_schedule(tmp_path, cache):
+    single, double = tmp_path / "single", tmp_path / "double"
+    pretrain(single, cache, "train.max_steps=4", "optim.warmup_epochs=0.3")
+    result = pretrain(double, cache, "train.max_steps=4", "optim.warmup_epochs=0.3", "train.checkpoint_every=2",
+                      "train.keep_checkpoints=3", launcher=[*DISTRIBUTED, "29531"])
+    plan = json.loads((double / "plan.json").read_text())
+    assert (plan["world_size"], plan["accumulation"], plan["global_batch"]) == (2, 1, 32)
+    assert json.loads((single / "plan.json").read_text())["accumulation"] == 2
+    assert [line["lr"] for line in log_lines(double)] == [line["lr"] for line in log_lines(single)]
+    assert [line["samples"] for line in log_lines(double)] == [32, 64, 96, 128]
+    assert result.stdout.count("done: 4 steps") == 1  # one process speaks
+    # resume under 2 processes
+    result = pretrain(double, cache, "train.max_steps=6", "optim.warmup_epochs=0.3",
+                      launcher=[*DISTRIBUTED, "29532"])
+    assert "resumed from" in result.stdout and log_lines(double)[-1]["step"] == 6
+    rng_files = sorted(p.name for p in (double / "checkpoints" / "step_00000004").glob("random_states_*"))
+    assert rng_files == ["random_states_0.pkl", "random_states_1.pkl"]
+
+
+GRADIENTS = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+from ssl_vit import config
+from ssl_vit.train import Trainer
+cfg = config.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}"])
+trainer = Trainer(cfg)
+g = torch.Generator().manual_seed(0)
+images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
+noise = torch.rand(32, 16, generator=g)
+rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+per = 32 // world // trainer.plan.accumulation
+micro = [dict(images=images[i * per:(i + 1) * per], noise=noise[i * per:(i + 1) * per],
+              labels=torch.zeros(per, dtype=torch.long))
+         for i in range(rank * trainer.plan.accumulation, (rank + 1) * trainer.plan.accumulation)]
+trainer.accumulate_gradients(micro)
+if rank == 0:
+    torch.save({{n: p.grad for n, p in trainer.task.named_parameters()}}, "{out}/grads.pt")
+"""
+
+
+def test_accumulation_and_processes_give_the_same_gradients(tmp_path, cache):
+    """1 process x 2 accumulation steps == 2 processes x 1 step, on the same 32 images and masks."""
+    grads = {}
+    for name, launcher in (("single", [sys.executable]), ("double", [*DISTRIBUTED, "29533"])):
+        out = tmp_path / name
+        out.mkdir()
+        script = tmp_path / f"{name}.py"
+        script.write_text(GRADIENTS.format(root=str(ROOT), tiny=TINY, out=out))
+        result = subprocess.run([*launcher, str(script)], capture_output=True, text=True, env=env_with(cache),
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        grads[name] = torch.load(out / "grads.pt", weights_only=True)
+    assert grads["single"].keys() == grads["double"].keys()
+    for key, value in grads["single"].items():
+        assert torch.allclose(value, grads["double"][key], atol=1e-6, rtol=1e-4), key
+
+
+def test_slurm_script_checkpoints_at_the_time_limit_and_requeues(tmp_path, cache):
+    """tools/slurm_pretrain.sh with stand-ins for srun and scontrol, 2 CPU processes under
+    `accelerate launch`: SLURM's warning (SIGUSR1 to the batch script) makes the run checkpoint and
+    exit 0, and the script asks to requeue the job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift  # --kill-on-bad-exit\nSLURM_NODEID=0 exec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\nif [ "$1" = show ]; then echo localhost; '
+                                      f'else echo "$@" >> {tmp_path}/scontrol.log; fi\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    venv_bin = Path(sys.executable).parent
+    env = {**env_with(cache), "PATH": f"{bin_dir}:{venv_bin}:{os.environ['PATH']}", "GPUS_PER_NODE": "2",
+           "ACCELERATE_USE_CPU": "1", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "MAIN_PORT": "29541",
+           "OUTPUT_DIR": str(tmp_path / "run")}
+    command = ["bash", str(ROOT / "tools" / "slurm_pretrain.sh"), "recipe=mae_tiny_digits", *TINY,
+               "train.max_steps=100000"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    out = tmp_path / "run"
+    deadline = time.time() + 180
+    while not (out / "log.jsonl").is_file() or len(log_lines(out)) < 2:
+        assert time.time() < deadline and process.poll() is None, process.stdout.read() if process.poll() else ""
+        time.sleep(0.1)
+    process.send_signal(signal.SIGUSR1)  # --signal=B:USR1@180: to the batch script only
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode == 0, output[-3000:]
+    assert "asking the run to checkpoint" in output and "requeueing 4242" in output
+    assert not (out / "STOP").exists()
+    assert (tmp_path / "scontrol.log").read_text().strip() == "requeue 4242"
+    checkpoints = [p for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")]
+    assert len(checkpoints) == 1 and json.loads((checkpoints[0] / "train_state.json").read_text())["world_size"] == 2
+
+
+def test_bf16_and_gradient_checkpointing_on_cpu(tmp_path, cache):
+    out = tmp_path / "run"
+    result = pretrain(out, cache, "train.max_steps=2", "train.precision=bf16", "train.grad_checkpointing=true")
+    assert "done: 2 steps" in result.stdout
+    assert all(line["loss"] == line["loss"] for line in log_lines(out))  # finite
+
+
+@pytest.mark.slow
+def test_torch_compile(tmp_path, cache):
+    out = tmp_path / "run"
+    result = pretrain(out, cache, "train.max_steps=2", "train.compile=true", timeout=900)
+    assert "done: 2 steps" in result.stdout
+    assert not any(k.startswith("_orig_mod") for k in load_file(out / "model.safetensors"))
+
+
+def test_benchmark_mae_prints_a_table_and_a_json_line():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "mae", "--arch", "vit_tiny_patch16",
+                             "--batch", "2", "--steps", "1", "--warmup", "0", "--variants", "eager"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| eager, no masking |" in result.stdout
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["eager_flops_per_image"] < figures["eager_unmasked_flops_per_image"]
+    assert 0 < figures["eager_fraction_of_peak"] < 1.5 and figures["masking_speedup"] > 0
