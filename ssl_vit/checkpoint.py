@@ -179,6 +179,42 @@ def _encoder_of(module: nn.Module) -> tuple[VisionTransformer, str]:
                           f"got {type(module).__name__}")
 
 
+def _holds_our_encoder(module: nn.Module) -> bool:
+    return isinstance(module, VisionTransformer) or isinstance(getattr(module, "encoder", None), VisionTransformer)
+
+
+def _load_other_model(module: nn.Module, state: dict[str, torch.Tensor], report: LoadReport, *, strict: bool,
+                      verbose: bool) -> LoadReport:
+    """Any other model (a timm model trained with model.arch=timm:NAME, alone or as a task's
+    `.encoder`): same key names, classifiers of another size dropped, the rest must match."""
+    target = module.state_dict()
+    prefix = "encoder." if hasattr(module, "encoder") else ""
+    state = _place_keys(state, set(target), prefix)
+    for key in list(state):
+        if key in target and state[key].shape != target[key].shape:
+            if state[key].ndim <= 2 and key.rsplit(".", 2)[-2] in ("fc", "head", "classifier", "last_linear"):
+                report.notes.append(f"{key}: the file's classifier has another size; the module keeps its own")
+                del state[key]
+            else:
+                raise CheckpointError(f"{key}: file has shape {_shape(state[key])} but the module needs "
+                                      f"{_shape(target[key])}; is model.arch right?")
+    return _load_and_report(module, state, report, strict=strict, verbose=verbose)
+
+
+def _load_and_report(module: nn.Module, state: dict[str, torch.Tensor], report: LoadReport, *, strict: bool,
+                     verbose: bool) -> LoadReport:
+    target = module.state_dict()
+    result = module.load_state_dict(state, strict=False)
+    report.loaded = [k for k in state if k in target]
+    report.missing += list(result.missing_keys)
+    report.unexpected += list(result.unexpected_keys)
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointError("strict load failed:\n" + report.summary())
+    if verbose and int(os.environ.get("RANK", "0")) == 0:
+        print(report.summary())
+    return report
+
+
 def _place_keys(state: dict[str, torch.Tensor], module_keys: set[str], prefix: str) -> dict[str, torch.Tensor]:
     """Encoder keys may sit under `encoder.` in a task module; the decoder's at the top."""
     placed = {}
@@ -308,45 +344,45 @@ def load_weights(module: nn.Module, path_or_state_dict: Union[str, Path, Mapping
         source, checkpoint, metadata = "a state dict", path_or_state_dict, {}
     state, notes = unwrap(checkpoint, use_ema=use_ema)
     report = LoadReport(source=source, format=detect_format(state, metadata), notes=notes)
+    if not _holds_our_encoder(module):
+        return _load_other_model(module, state, report, strict=strict, verbose=verbose)
     state = CONVERTERS.get(report.format, convert_timm)(state, module, report)
     state = fit_to(state, module, metadata, report)
-
-    target = module.state_dict()
     # buffers that are functions of the module's shape (sin-cos tables) load like parameters
-    result = module.load_state_dict(state, strict=False)
-    report.loaded = [k for k in state if k in target]
-    report.missing += list(result.missing_keys)
-    report.unexpected += list(result.unexpected_keys)
-    if strict and (report.missing or report.unexpected):
-        raise CheckpointError("strict load failed:\n" + report.summary())
-    if verbose and int(os.environ.get("RANK", "0")) == 0:
-        print(report.summary())
-    return report
+    return _load_and_report(module, state, report, strict=strict, verbose=verbose)
 
 
 # -------------------------------------------------------------------------------------------
 # exports: safetensors + a JSON config beside, loadable by timm
 
 
-def export_backbone(encoder: VisionTransformer, path: Union[str, Path]) -> Path:
+def export_backbone(encoder: VisionTransformer, path: Union[str, Path], *, extra: Optional[dict] = None) -> Path:
     """The encoder without classifier heads, timm key names: `timm.create_model(<name>,
-    pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path), **kwargs)` (see the JSON)."""
+    pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path), **kwargs)` (see the JSON).
+    `extra` goes into the JSON (the training loop records the input normalisation there, which the
+    evaluation tools adopt)."""
     state = {k: v for k, v in encoder.state_dict().items() if not k.startswith(("head.", "head_dist."))}
-    return _save(state, path, kind="backbone", encoder_config={**encoder.config, "num_classes": 0})
+    return _save(state, path, kind="backbone", encoder_config={**encoder.config, "num_classes": 0}, extra=extra)
 
 
-def export_model(module: nn.Module, path: Union[str, Path], *, state: Optional[Mapping[str, torch.Tensor]] = None,
-                 extra: Optional[dict] = None) -> Path:
-    """The whole model (encoder with its head, or a task's full state) as one safetensors file."""
-    encoder, prefix = _encoder_of(module)
-    if state is None:
+def export_model(module: nn.Module, path: Union[str, Path], *, extra: Optional[dict] = None) -> Path:
+    """The whole model as one safetensors file: an encoder with its head, or a task's own export
+    (`export_state()`: MAE with its decoder in the official layout, a linear probe's folded head)."""
+    if hasattr(module, "export_state"):
+        state, encoder_config = module.export_state()
+    else:
+        encoder, prefix = _encoder_of(module)
         state = {(k[len(prefix):] if prefix and k.startswith(prefix) else k): v
                  for k, v in module.state_dict().items()}
-    return _save(dict(state), path, kind="model", encoder_config=dict(encoder.config), extra=extra)
+        encoder_config = dict(encoder.config)
+    return _save(dict(state), path, kind="model", encoder_config=encoder_config, extra=extra)
 
 
 def timm_equivalent(config: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     """The timm model name and keyword arguments that rebuild an encoder with this config."""
+    if str(config.get("arch", "")).startswith("timm:"):  # a timm model trained here (model.arch=timm:NAME)
+        return dict(model_name=config["arch"].removeprefix("timm:"),
+                    kwargs=dict(in_chans=config["in_chans"], num_classes=config["num_classes"]))
     if config.get("patch_embed") == "hybrid":
         return None  # timm's hybrids take a module, not a name: rebuild with ssl_vit.create_encoder
     name = "deit_base_distilled_patch16_224" if config["dist_token"] else "vit_base_patch16_224"

@@ -58,8 +58,19 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """DeiT distillation's teacher (Touvron et al. 2021 §4): any timm model, built here and loaded
+    from a local file (never downloaded), frozen."""
+    arch: Optional[str] = None            # a timm name, e.g. regnety_160 (DeiT's), resnet18; "timm:" optional
+    weights: Optional[str] = None         # our model.safetensors, a timm or torchvision state dict (.pth)
+    img_size: Optional[int] = None        # None: our export's JSON, else timm's pretrained config (else the student's)
+    mean: Optional[List[float]] = None    # None: as img_size
+    std: Optional[List[float]] = None
+
+
+@dataclass
 class TaskConfig:
-    name: str = "mae"                     # mae
+    name: str = "mae"                     # mae | classify | linear_probe | distill
     # MAE (He et al. 2022): 75% masking (§4, fig. 5), 512-d 8-block decoder (table 1a-b),
     # per-patch normalised pixel targets (table 1c)
     mask_ratio: float = 0.75
@@ -67,6 +78,20 @@ class TaskConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+    # classification (fine-tuning, supervised) and linear probing
+    label_smoothing: float = 0.0
+    mixup: float = 0.0                    # mixup alpha (timm's Mixup); 0 = off
+    cutmix: float = 0.0                   # cutmix alpha; 0 = off
+    mixup_prob: float = 1.0               # probability of mixing a batch
+    mixup_switch_prob: float = 0.5        # probability of cutmix instead of mixup when both are on
+    head_init_std: float = 0.02           # trunc-normal std of a new classifier head
+    lr_scales: List[float] = field(default_factory=lambda: [1.0])  # linear probe: one head per lr multiplier
+    # DeiT distillation (Touvron et al. 2021 §5); defaults are DeiT's code: hard, alpha 0.5, tau 1
+    distillation: str = "hard"            # none | soft | hard
+    distillation_alpha: float = 0.5       # weight of the distillation-token loss; 1 - alpha on the class token's
+    distillation_tau: float = 1.0         # soft: temperature
+    eval_head: str = "mean"               # distilled encoders at evaluation: mean of both heads | cls | dist
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
 @dataclass
@@ -85,6 +110,8 @@ class DataConfig:
     auto_augment: Optional[str] = None    # timm RandAugment spec for randaug, e.g. rand-m9-mstd0.5-inc1
     crop_pct: float = 0.875               # eval: resize to img_size / crop_pct, centre crop
     random_erasing: float = 0.0           # on the device, after normalisation
+    train_fraction: float = 1.0           # keep this fraction of the training samples (few-label runs)
+    repeated_aug: int = 1                 # k augmented views of each decoded sample (DeiT: 3, Hoffer et al. 2020)
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet statistics
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -117,6 +144,16 @@ class TrainConfig:
     checkpoint_every: int = 1000          # optimizer steps
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 10         # stop (with a checkpoint) after this many skipped steps in a row
+    ema_decay: Optional[float] = None     # keep an exponential moving average of the weights (timm's)
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1                 # classification: evaluate on data.val every N epochs (0: at the end only)
+    batch_size: Optional[int] = None      # None: data.batch_size
+    knn_k: int = 20                       # k-NN monitor (DINO, Caron et al. 2021): k and temperature
+    knn_temperature: float = 0.07
+    knn_every: int = 0                    # steps between k-NN evaluations during training (0: off)
 
 
 @dataclass
@@ -137,6 +174,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -145,7 +183,9 @@ CHOICES = {
     "model.global_pool": ("token", "avg"),
     "model.pos_embed": ("learn", "sincos"),
     "model.patch_embed": ("conv", "hybrid"),
-    "task.name": ("mae",),
+    "task.name": ("mae", "classify", "linear_probe", "distill"),
+    "task.distillation": ("none", "soft", "hard"),
+    "task.eval_head": ("mean", "cls", "dist"),
     "data.name": ("shards", "digits"),
     "data.train_transform": ("rrc", "randaug", "eval"),
     "optim.name": ("adamw", "lars"),
@@ -157,13 +197,14 @@ CHOICES = {
 # loading
 
 
-def load(argv: Sequence[str], schema: type = Config, command: str = "pretrain.py") -> DictConfig:
+def load(argv: Sequence[str], schema: type = Config, command: str = "pretrain.py",
+         default_recipe: Optional[str] = None) -> DictConfig:
     """Parse `recipe=NAME key=value ...` into a validated, typed config; `--help` prints the keys."""
     if any(a in ("-h", "--help", "help") for a in argv):
         print(help_text(command, schema))
         raise SystemExit(0)
     args = _parse_args(argv)
-    recipe = args.pop("recipe", None)
+    recipe = args.pop("recipe", default_recipe)
     if recipe is None:
         raise ConfigError(f"no recipe given: pass recipe=NAME (available: {', '.join(available_recipes())}) "
                           "or recipe=path/to/file.yaml")
@@ -177,6 +218,11 @@ def load(argv: Sequence[str], schema: type = Config, command: str = "pretrain.py
     cfg.recipe = Path(recipe).stem if _is_path(recipe) else recipe
     validate(cfg)
     return cfg
+
+
+def command_line_keys(argv: Sequence[str]) -> set[str]:
+    """The keys set on the command line (they win over anything a tool would adopt from a file)."""
+    return {arg.split("=", 1)[0].strip() for arg in argv if "=" in arg and not arg.startswith("-")}
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -393,6 +439,27 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("data.hflip and data.random_erasing are probabilities in [0, 1]")
     if not 0 < cfg.data.crop_pct <= 1:
         raise ConfigError(f"data.crop_pct={cfg.data.crop_pct} must be in (0, 1]")
+    if not 0 < cfg.data.train_fraction <= 1:
+        raise ConfigError(f"data.train_fraction={cfg.data.train_fraction} must be in (0, 1]")
+    if not cfg.task.lr_scales or min(cfg.task.lr_scales) <= 0:
+        raise ConfigError(f"task.lr_scales={_show(cfg.task.lr_scales)}: give positive multipliers, e.g. [0.1,1,10]")
+    if min(cfg.task.mixup, cfg.task.cutmix, cfg.task.label_smoothing) < 0:
+        raise ConfigError("task.mixup, task.cutmix and task.label_smoothing must be >= 0")
+    if cfg.data.repeated_aug < 1:
+        raise ConfigError(f"data.repeated_aug={cfg.data.repeated_aug} must be >= 1 (1: off; DeiT uses 3)")
+    if not 0 <= cfg.task.distillation_alpha <= 1 or cfg.task.distillation_tau <= 0:
+        raise ConfigError(f"task.distillation_alpha={cfg.task.distillation_alpha} must be in [0, 1] and "
+                          f"task.distillation_tau={cfg.task.distillation_tau} positive")
+    if cfg.task.name == "distill" and not cfg.model.dist_token:
+        raise ConfigError("task.name=distill needs model.dist_token=true (DeiT's distillation token)")
+    if cfg.model.arch.startswith("timm:") and cfg.task.name != "classify":
+        raise ConfigError(f"model.arch={cfg.model.arch}: timm models train with task.name=classify only "
+                          "(MAE, linear probe and distillation need our ViT encoder)")
+    if cfg.train.ema_decay is not None and not 0 < cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in (0, 1), e.g. 0.9999")
+    if cfg.eval.knn_k <= 0 or cfg.eval.knn_temperature <= 0 or cfg.eval.every_epochs < 0 or cfg.eval.knn_every < 0:
+        raise ConfigError("eval.knn_k and eval.knn_temperature must be positive; eval.every_epochs and "
+                          "eval.knn_every >= 0")
     if cfg.data.train_transform == "randaug" and not cfg.data.auto_augment:
         raise ConfigError("data.train_transform=randaug needs data.auto_augment, e.g. rand-m9-mstd0.5-inc1")
     if len(cfg.data.mean) != cfg.model.in_chans or len(cfg.data.std) != cfg.model.in_chans:

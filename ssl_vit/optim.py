@@ -64,7 +64,10 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
 
 
 def build_optimizer(optim_cfg, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay)
+    if hasattr(model, "param_groups"):  # a task that knows its own groups (the linear probe's lr sweep)
+        groups = model.param_groups(optim_cfg.weight_decay)
+    else:
+        groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     lr = base_lr(optim_cfg)

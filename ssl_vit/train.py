@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from . import config
 from .config import ConfigError
@@ -44,6 +44,7 @@ class Plan:
     stop_step: int             # where this run stops (train.max_steps, or total_steps)
     base_lr: float
     min_lr: float
+    num_classes: int = 0       # classification tasks: from model.num_classes or the training index
 
     def describe(self) -> str:
         return (f"global batch {self.global_batch} = {self.per_device_batch} per device x {self.world_size} "
@@ -52,7 +53,7 @@ class Plan:
                 f"{self.total_steps} steps in all ({self.warmup_steps} warm-up), stopping at {self.stop_step}")
 
 
-def make_plan(cfg, world_size: int, samples_per_epoch: int) -> Plan:
+def make_plan(cfg, world_size: int, samples_per_epoch: int, num_classes: int = 0) -> Plan:
     from .optim import base_lr
 
     per_device, global_batch = cfg.data.batch_size, cfg.optim.batch_size
@@ -70,7 +71,7 @@ def make_plan(cfg, world_size: int, samples_per_epoch: int) -> Plan:
                 accumulation=global_batch // (per_device * world_size), global_batch=global_batch,
                 samples_per_epoch=samples_per_epoch, steps_per_epoch=steps_per_epoch, total_steps=total,
                 warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch), stop_step=stop,
-                base_lr=base_lr(cfg.optim), min_lr=cfg.optim.min_lr)
+                base_lr=base_lr(cfg.optim), min_lr=cfg.optim.min_lr, num_classes=num_classes)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
     world_size: int = 1
+    best: dict = field(default_factory=dict)     # the best evaluation so far (classification): metrics + step
     history: list = field(default_factory=list)  # resumes: [{"step":, "world_size":}]
 
 
@@ -106,29 +108,16 @@ class Preemption:
             self.stop_file.unlink(missing_ok=True)
 
 
-# -------------------------------------------------------------------------------------------
-# entry point
-
-
-@config.exit_on_error
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = config.load(list(sys.argv[1:] if argv is None else argv))
-    if cfg.print_config:
-        print(config.to_yaml(cfg), end="")
-        return 0
-    config.check_data(cfg)
-    return Trainer(cfg).run()
-
-
 class Trainer:
     def __init__(self, cfg):
         import torch
         from accelerate import Accelerator, PartialState
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from .data import DeviceNormalize, build_train_loader, samples_per_epoch, shard_source
+        from .data import DeviceNormalize, num_classes, samples_per_epoch, shard_source
+        from .evaluate import Evaluator
         from .optim import Schedule, build_optimizer
-        from .tasks import build
+        from .tasks import CLASSIFICATION_TASKS, build
 
         self.cfg = cfg
         self.output_dir = Path(cfg.train.output_dir)
@@ -137,7 +126,9 @@ class Trainer:
         cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         state = PartialState(cpu=cpu)
         source = shard_source(cfg, "train")
-        self.plan = make_plan(cfg, state.num_processes, samples_per_epoch(cfg, source))
+        labelled = cfg.task.name in CLASSIFICATION_TASKS or cfg.eval.knn_every > 0
+        self.plan = make_plan(cfg, state.num_processes, samples_per_epoch(cfg, source),
+                              num_classes(cfg, source) if labelled else 0)
         self.accelerator = Accelerator(
             cpu=cpu,
             mixed_precision=_precision(cfg.train.precision), gradient_accumulation_steps=self.plan.accumulation,
@@ -147,8 +138,10 @@ class Trainer:
         accelerator = self.accelerator
         set_seed(cfg.train.seed, device_specific=True)  # MAE masks differ per rank; DDP syncs the init
 
-        self.task = build(cfg)
+        self.task = build(cfg, self.plan.num_classes)
         self.encoder = self.task.encoder
+        if getattr(self.task, "teacher", None) is not None and accelerator.is_main_process:
+            print(f"teacher: {self.task.teacher.describe()}", flush=True)
         if cfg.init and cfg.init != "random":
             from .checkpoint import load_weights
 
@@ -156,20 +149,62 @@ class Trainer:
         if cfg.train.grad_checkpointing:
             self.encoder.set_grad_checkpointing(True)
         self.task.to(accelerator.device)
+        self.normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, cfg.data.random_erasing,
+                                         accelerator.device).to(accelerator.device)
+        self.data, cached_val = self._build_data(source)
         self.optimizer = build_optimizer(cfg.optim, self.task)
         model = torch.compile(self.task) if cfg.train.compile else self.task
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
         self.schedule = Schedule(self.plan.base_lr, self.plan.min_lr, self.plan.warmup_steps, self.plan.total_steps)
-        self.normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, cfg.data.random_erasing,
-                                         accelerator.device).to(accelerator.device)
-        self.data = build_train_loader(cfg, batches_per_epoch=self.plan.steps_per_epoch * self.plan.accumulation,
-                                       rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                       source=source)
+        self.ema = None
+        if cfg.train.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.task, decay=cfg.train.ema_decay)
+        self.evaluator = Evaluator(cfg, self.task, accelerator, self.normalize, self.plan.num_classes,
+                                   cached=cached_val) if labelled else None
         self.state = TrainState(world_size=accelerator.num_processes)
         self.preemption = Preemption(self.output_dir / "STOP", watch_file=accelerator.is_main_process)
         self.preemption.clear()  # a stale request from a run that died before honouring it
         self.log_file = self.output_dir / "log.jsonl"
         self.pictures_batch = None
+
+    def _build_data(self, source):
+        """Shards through the augmenting loader, or, for a linear probe without augmentation, the
+        frozen encoder's features extracted once (each sample once over all ranks)."""
+        import torch
+
+        from .data import build_eval_loader, build_train_loader
+        from .data.features import FeatureData
+        from .data.stream import in_fraction
+        from .evaluate import extract_features
+
+        cfg, accelerator, plan = self.cfg, self.accelerator, self.plan
+        if not (cfg.task.name == "linear_probe" and cfg.data.train_transform == "eval"):
+            data = build_train_loader(cfg, batches_per_epoch=plan.steps_per_epoch * plan.accumulation,
+                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                      source=source)
+            return data, None
+        cached = {}
+        self.task.eval()
+        for split in ("train", "val"):
+            loader = build_eval_loader(cfg, split, rank=accelerator.process_index,
+                                       world_size=accelerator.num_processes,
+                                       batch_size=cfg.eval.batch_size or cfg.data.batch_size)
+            with accelerator.autocast():
+                feats, labels, keys = extract_features(self.task.features, loader, device=accelerator.device,
+                                                       normalize=self.normalize, accelerator=accelerator)
+            if split == "train" and cfg.data.train_fraction < 1:
+                keep = torch.tensor([in_fraction(k, cfg.data.train_fraction) for k in keys], device=labels.device)
+                feats, labels = feats[keep], labels[keep]
+            cached[split] = (feats, labels)
+            self._print(f"cached the {split} features of {len(labels)} samples")
+        self.task.train()
+        data = FeatureData(*cached["train"], per_device_batch=plan.per_device_batch,
+                           accumulation=plan.accumulation, world_size=accelerator.num_processes,
+                           rank=accelerator.process_index, steps_per_epoch=plan.steps_per_epoch,
+                           seed=cfg.train.seed)
+        return data, cached["val"]
 
     # ---------------------------------------------------------------------------------------
 
@@ -197,6 +232,7 @@ class Trainer:
                     window = _Window()
                 if self.state.step % self.cfg.log.images_every == 0:
                     self._log_pictures(micro_batches[0])
+                self._evaluate_when_due()
                 exit_code = self._after_step()
                 if exit_code is not None or self.state.step >= plan.stop_step:
                     break
@@ -204,17 +240,66 @@ class Trainer:
         progress.close()
         if exit_code is not None:
             return exit_code
+        final = self._evaluate() if self.evaluator is not None else None
         self._save_checkpoint()
         self._export()
+        self._write_metrics(final)
         accelerator.end_training()
         self._print(f"done: {self.state.step} steps, {self.state.samples_seen} samples; outputs in {self.output_dir}")
         return 0
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    def _evaluate_when_due(self) -> None:
+        """Classification: every eval.every_epochs epochs (at the epoch's last step, not the run's
+        last, which is evaluated anyway). Other tasks: the k-NN monitor every eval.knn_every steps."""
+        if self.evaluator is None or self.state.step >= self.plan.stop_step:
+            return
+        every_epochs, knn_every = self.cfg.eval.every_epochs, self.cfg.eval.knn_every
+        if self.evaluator.classification:
+            epochs_done, into_epoch = divmod(self.state.step, self.plan.steps_per_epoch)
+            if every_epochs and into_epoch == 0 and epochs_done % every_epochs == 0:
+                self._evaluate()
+        elif knn_every and self.state.step % knn_every == 0:
+            self._evaluate()
+
+    def _evaluate(self) -> dict:
+        metrics = self.evaluator(ema_module=self.ema.module if self.ema is not None else None)
+        scalars = {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.accelerator.log(scalars, step=self.state.samples_seen)
+        if self.accelerator.is_main_process:
+            with self.log_file.open("a") as f:
+                f.write(json.dumps({"step": self.state.step, "samples": self.state.samples_seen, "eval": metrics}) + "\n")
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("top1", "top5")))
+        self._print(f"step {self.state.step}: {shown} on {metrics.get('num_samples', metrics.get('knn_num_samples'))} "
+                    "validation samples")
+        if "top1" in metrics and metrics["top1"] > self.state.best.get("top1", -1.0):
+            self.state.best = {**{k: v for k, v in metrics.items() if k != "heads"}, "step": self.state.step,
+                               "epoch": self.state.step / self.plan.steps_per_epoch}
+            self._export(best=True)
+        return metrics
+
+    def _write_metrics(self, final: Optional[dict]) -> None:
+        if final is None or not self.accelerator.is_main_process:
+            return
+        metrics = {"recipe": self.cfg.recipe, "task": self.cfg.task.name, "init": self.cfg.init,
+                   "step": self.state.step, **final}
+        if "top1" in final:
+            metrics["best"] = self.state.best
+        path = self.output_dir / "metrics.json"
+        path.write_text(json.dumps(metrics, indent=1) + "\n")
+        prefix = "" if "top1" in final else "knn_"
+        what = "" if "top1" in final else "k-NN "
+        best = (f" (best {self.state.best['top1']:.2f}% at step {self.state.best['step']})"
+                if "top1" in final and self.state.best.get("step") != self.state.step else "")
+        print(f"final: {what}top-1 {final[prefix + 'top1']:.2f}%, top-5 {final[prefix + 'top5']:.2f}% on "
+              f"{final[prefix + 'num_samples']} validation samples{best}; {path}")
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over `accumulation` micro-batches (or fewer at a data shortfall)."""
         loss_sum, nonfinite, metrics = self.accumulate_gradients(micro_batches)
         return self.apply_update(loss_sum / max(1, len(micro_batches)), nonfinite, metrics,
-                                 samples=len(micro_batches) * self.plan.per_device_batch)
+                                 samples=sum(len(micro["labels"]) for micro in micro_batches))
 
     def accumulate_gradients(self, micro_batches: list[dict]):
         """Forward and backward of each micro-batch; DDP all-reduces on the last one. A non-finite
@@ -257,6 +342,8 @@ class Trainer:
         else:
             set_lr(self.optimizer, lr)
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.task, step=self.state.step)
             self.state.nonfinite_streak = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
@@ -268,8 +355,9 @@ class Trainer:
     def _to_device(self, micro: dict) -> dict:
         device = self.accelerator.device
         batch = {key: value.to(device, non_blocking=True) for key, value in micro.items()
-                 if hasattr(value, "to")}  # images, labels (and e.g. fixed MAE noise in tests)
-        batch["images"] = self.normalize(batch["images"], training=True)
+                 if hasattr(value, "to")}  # images or cached features, labels (and e.g. fixed MAE noise)
+        if "images" in batch:
+            batch["images"] = self.normalize(batch["images"], training=True)
         return batch
 
     def _after_step(self) -> Optional[int]:
@@ -320,6 +408,10 @@ class Trainer:
         accelerator.save_state(str(tmp))  # model, optimizer, every rank's RNG states
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if self.ema is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
             (tmp / "train_state.json").write_text(json.dumps(asdict(self.state), indent=1))
             os.replace(tmp, final)  # complete only now: a crash before leaves a .tmp that is ignored
             for old in self._complete_checkpoints()[:-self.cfg.train.keep_checkpoints]:
@@ -340,6 +432,10 @@ class Trainer:
             path = found[-1] if found else None
         if path is not None:
             accelerator.load_state(str(path))
+            if self.ema is not None and (path / "ema.safetensors").is_file():
+                from safetensors.torch import load_file
+
+                self.ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(accelerator.device)))
             saved = json.loads((path / "train_state.json").read_text())
             self.state = TrainState(**saved)
             self.state.history.append({"step": self.state.step, "world_size": accelerator.num_processes})
@@ -383,25 +479,25 @@ class Trainer:
                              step=self.state.samples_seen)
 
     def _log_pictures(self, micro: dict) -> None:
-        import torch
+        """The same few images every time, to watch them improve: an MAE's reconstructions, a
+        classifier's attention maps (ssl_vit/viz.py decides what a task shows)."""
+        from . import viz
 
-        from .viz import reconstruction_grid
-
-        if not self.accelerator.is_main_process or not self.cfg.log.tensorboard or not hasattr(self.task, "reconstruct"):
+        if not self.accelerator.is_main_process or not self.cfg.log.tensorboard:
             return
-        if self.pictures_batch is None:  # the same images (and masks) every time, to watch them improve
-            self.pictures_batch = micro["images"][:8].clone()
+        if self.pictures_batch is None:
+            self.pictures_batch = viz.picture_images(self.cfg, self.task, micro)
+            if self.pictures_batch is None:  # nothing to watch for this task
+                return
         images = self.normalize(self.pictures_batch.to(self.accelerator.device))
-        generator = torch.Generator(device="cpu").manual_seed(0)
-        noise = torch.rand(images.shape[0], self.task.num_patches, generator=generator).to(images.device)
         was_training = self.task.training
         self.task.eval()
         with self.accelerator.autocast():
-            pictures = self.task.reconstruct(images, noise)
+            pictures = viz.training_pictures(self.task, images, self.normalize.denormalize)
         self.task.train(was_training)
-        grid = reconstruction_grid(pictures, self.normalize.denormalize)
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image("reconstructions", grid, global_step=self.state.samples_seen)
+        for tag, grid in pictures.items():
+            tracker.add_image(tag, grid, global_step=self.state.samples_seen)
 
     def _print(self, message: str, error: bool = False) -> None:
         if self.accelerator.is_main_process:
@@ -409,16 +505,22 @@ class Trainer:
 
     # --- outputs ----------------------------------------------------------------------------
 
-    def _export(self) -> None:
+    def _export(self, best: bool = False) -> None:
+        """backbone.safetensors and model.safetensors (each with its JSON), or model_best.safetensors."""
         from .checkpoint import export_backbone, export_model
+        from .models.vit import VisionTransformer
 
-        self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        extra = {"recipe": self.cfg.recipe, "task": config.OmegaConf.to_container(self.cfg.task),
+        data = {k: config.OmegaConf.to_container(self.cfg.data)[k] for k in ("mean", "std", "crop_pct")}
+        extra = {"recipe": self.cfg.recipe, "task": config.OmegaConf.to_container(self.cfg.task), "data": data,
                  "step": self.state.step, "samples_seen": self.state.samples_seen}
         # self.task is the module itself, under any DDP / torch.compile wrapper
-        export_backbone(self.encoder, self.output_dir / "backbone.safetensors")
+        if best:
+            export_model(self.task, self.output_dir / "model_best.safetensors", extra={**extra, "best": self.state.best})
+            return
+        if isinstance(self.encoder, VisionTransformer):  # (not for a timm model trained with model.arch=timm:NAME)
+            export_backbone(self.encoder, self.output_dir / "backbone.safetensors", extra=extra)
         export_model(self.task, self.output_dir / "model.safetensors", extra=extra)
 
 

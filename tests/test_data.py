@@ -366,3 +366,56 @@ def test_benchmark_data_prints_a_table_and_a_json_line(tmp_path):
     assert figures["shards_img_s"] > 0 and figures["imagefolder_img_s"] > 0
     assert figures["ratio"] == pytest.approx(figures["shards_img_s"] / figures["imagefolder_img_s"], rel=1e-3)
     assert figures["decode_pil_ms"] > 0
+
+
+# -------------------------------------------------------------------------------------------
+# repeated augmentation (DeiT)
+
+
+class _RandomCrop:
+    """A random transform that counts how often it decodes."""
+    decoded = 0
+
+    @classmethod
+    def decode(cls, data):
+        cls.decoded += 1
+        return decode_uint8(data)
+
+    def augment(self, image):
+        top = int(torch.randint(0, 4, ()).item())
+        return image[:, top:top + 8, :8].clone()
+
+
+def test_repeated_augmentation_spreads_the_views_of_each_sample(tmp_path):
+    urls, counts = _toy_shards(tmp_path, counts=(8, 8, 8, 8))
+
+    def epoch(rank, skip=0, batches=6):
+        _RandomCrop.decoded = 0
+        stream = ShardStream(urls, _RandomCrop(), batch_size=4, training=True, rank=rank, world_size=2,
+                             shuffle_buffer=4, batches_per_epoch=batches, counts=counts, repeated_aug=3)
+        stream.skip_batches = skip
+        return list(stream)  # in-process: the decode counter is visible
+
+    out = epoch(rank=0)
+    assert len(out) == 6 and _RandomCrop.decoded == 8  # 2 groups of 4 samples, each decoded once, 3 views
+    for group in (out[0:3], out[3:6]):
+        assert group[0]["keys"] == group[1]["keys"] == group[2]["keys"]  # view j of every sample in batch j
+        assert len(set(group[0]["keys"])) == 4  # never twice in one batch
+        assert not all(torch.equal(group[0]["images"], g["images"]) for g in group[1:])  # different crops
+    other = epoch(rank=1)
+    assert not set(out[0]["keys"]) & set(k for b in other for k in b["keys"])  # ranks stay disjoint
+    # resuming inside a group gives the same views
+    resumed = epoch(rank=0, skip=4)
+    assert len(resumed) == 2
+    for a, b in zip(out[4:], resumed):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+
+
+def test_recipe_repeated_augmentation_on_digits(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSL_VIT_CACHE", str(tmp_path))
+    cfg = config.load(["recipe=finetune_digits", "data.repeated_aug=2", "data.batch_size=16", "data.num_workers=0",
+         "data.train_transform=randaug", "data.auto_augment=rand-m9-mstd0.5-inc1"])
+    data = build_train_loader(cfg, batches_per_epoch=4)
+    batches = list(data.epoch(0))
+    assert len(batches) == 4 and batches[0]["keys"] == batches[1]["keys"] != batches[2]["keys"]
+    assert not torch.equal(batches[0]["images"], batches[1]["images"])

@@ -42,8 +42,10 @@ def pretrain(out, cache, *overrides, launcher=None, timeout=300, check=True):
     return result
 
 
-def log_lines(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+def log_lines(out, evaluations=False):
+    """The training lines of log.jsonl (or the evaluation lines: the k-NN monitor's)."""
+    lines = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return [line for line in lines if ("eval" in line) == evaluations]
 
 
 def test_plan_derives_accumulation_and_steps():
@@ -74,6 +76,10 @@ def test_a_short_run_trains_logs_checkpoints_and_exports(tmp_path, cache):
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     assert [line["samples"] for line in lines] == [32 * i for i in range(1, 7)]
     assert all(key in lines[0] for key in ("loss", "lr", "grad_norm", "img_s", "epoch"))
+    # the k-NN monitor of mae_tiny_digits evaluates the final encoder, on the whole validation split
+    (final,) = log_lines(out, evaluations=True)
+    assert final["step"] == 6 and final["eval"]["knn_num_samples"] == 360
+    assert json.loads((out / "metrics.json").read_text())["knn_top1"] == final["eval"]["knn_top1"]
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -10,7 +10,8 @@ import importlib
 
 _PUBLIC = {
     "build_train_loader": "loaders", "build_eval_loader": "loaders", "shard_source": "loaders",
-    "samples_per_epoch": "loaders", "TrainData": "loaders", "EvalData": "loaders",
+    "samples_per_epoch": "loaders", "num_classes": "loaders", "TrainData": "loaders", "EvalData": "loaders",
+    "FeatureData": "features",
     "DeviceNormalize": "transforms",
 }
 __all__ = list(_PUBLIC)

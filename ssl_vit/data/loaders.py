@@ -26,13 +26,24 @@ def shard_source(cfg, split: str) -> ShardSource:
 
 
 def samples_per_epoch(cfg, source: ShardSource) -> int:
+    """data.samples_per_epoch, or the index's count (times data.train_fraction)."""
     if cfg.data.samples_per_epoch:
         return int(cfg.data.samples_per_epoch)
     if source.num_samples is None:
         raise ConfigError(f"cannot tell how many samples data.train={source.spec!r} holds: point it at the "
                           "index written by make_shards.py (e.g. data.train=shards/NAME.json), or set "
                           "data.samples_per_epoch")
-    return source.num_samples
+    return max(1, round(source.num_samples * cfg.data.train_fraction))
+
+
+def num_classes(cfg, source: ShardSource) -> int:
+    """model.num_classes, or the number of classes in the training index."""
+    if cfg.model.num_classes:
+        return int(cfg.model.num_classes)
+    if not source.classes:
+        raise ConfigError(f"cannot tell how many classes data.train={source.spec!r} has (no make_shards index): "
+                          "set model.num_classes")
+    return len(source.classes)
 
 
 def _img_size(cfg) -> list[int]:
@@ -73,7 +84,8 @@ def build_train_loader(cfg, *, batches_per_epoch: int, rank: int = 0, world_size
     stream = ShardStream(source.urls, build_transform(cfg.data, _img_size(cfg), training=True),
                          batch_size=cfg.data.batch_size, training=True, seed=cfg.train.seed, rank=rank,
                          world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
-                         batches_per_epoch=batches_per_epoch, counts=source.counts)
+                         batches_per_epoch=batches_per_epoch, counts=source.counts,
+                         fraction=cfg.data.train_fraction, repeated_aug=cfg.data.repeated_aug)
     return TrainData(stream, make_loader(stream, cfg.data.num_workers), source, batches_per_epoch)
 
 

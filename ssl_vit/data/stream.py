@@ -9,7 +9,8 @@ training, epoch e (a fixed number of batches per rank: samples_per_epoch // glob
          sample when shards are few or uneven (see _my_shards)
       -> tar samples (webdataset) -> shuffle buffer (raw bytes, seeded per slot)
       -> skip what a resumed run had already consumed (no decoding)
-      -> decode + augment (RNG seeded per sample, so a resumed run sees the same crops)
+      -> decode + augment (RNG seeded per sample, so a resumed run sees the same crops), k times
+         with repeated augmentation (data.repeated_aug, DeiT), the k views in k consecutive batches
       -> batches of data.batch_size, yielded until this worker's share of the epoch's batches
     A slot that runs out of shards starts its share of the next pass: ranks never wait on each
     other, and DDP never hangs on a rank with fewer batches.
@@ -22,8 +23,10 @@ every 1000th), without webdataset's sleeping handlers.
 """
 from __future__ import annotations
 
+import os
 import random
 import sys
+import zlib
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -54,12 +57,13 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], transform: Callable[[bytes], torch.Tensor], *, batch_size: int,
                  training: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, batches_per_epoch: Optional[int] = None,
-                 counts: Optional[list[int]] = None):
+                 counts: Optional[list[int]] = None, fraction: float = 1.0, repeated_aug: int = 1):
         super().__init__()
         if training and not batches_per_epoch:
             raise ValueError("a training stream needs batches_per_epoch")
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.counts = list(counts) if counts else None
+        self.fraction, self.repeated_aug = fraction, repeated_aug
         self.training, self.seed, self.rank, self.world_size = training, seed, rank, world_size
         self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
         self.epoch, self.skip_batches = 0, 0
@@ -112,7 +116,8 @@ class ShardStream(IterableDataset):
                 random.Random(make_seed(self.seed, self.epoch, pass_number)).shuffle(order)
             mine, by_shard = self._my_shards(order, slot, slots)
             samples = tarfile_samples(({"url": url} for url in mine), handler=errors)
-            mine_only = (s for i, s in enumerate(samples) if by_shard or i % slots == slot)
+            mine_only = (s for i, s in enumerate(samples)
+                         if (by_shard or i % slots == slot) and in_fraction(s.get("__key__", ""), self.fraction))
             count = 0
             for count, sample in enumerate(self._shuffled(mine_only, make_seed(slot, pass_number)), 1):
                 yield sample
@@ -139,54 +144,81 @@ class ShardStream(IterableDataset):
     # --- decoded batches --------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
+        """Batches of decoded samples. With repeated augmentation (k views, training only), each
+        group of batch_size samples makes k batches, batch j holding the j-th view of every sample
+        of the group: a sample's views are spread over k consecutive batches, never twice in one."""
         slot, slots, worker, workers = self._slot()
         errors = ErrorCounter(f"rank {self.rank} worker {worker}")
         samples = self._raw(slot, slots, errors)
+        views = self.repeated_aug if self.training else 1
         quota = self._share(self.batches_per_epoch, worker, workers) if self.training else None
         skipped = self._share(self.skip_batches, worker, workers) if self.training else 0
-        to_skip, produced, position = skipped * self.batch_size, skipped, 0
-        images, labels, keys = [], [], []
+        groups_skipped, views_to_drop = divmod(skipped, views)
+        to_skip, produced, position = groups_skipped * self.batch_size, skipped, 0
+        group: list[tuple[list[torch.Tensor], int, str]] = []
         for sample in samples:
             if quota is not None and produced >= quota:
                 return
             position += 1
             if position <= to_skip:
                 continue  # a resumed run: already trained on; skip without decoding
-            if self.training:  # augmentations seeded per sample: identical after a resume
-                sample_seed = make_seed(self.seed, self.epoch, slot, position)
-                # the CPU generator only: torch.manual_seed would also queue seeds for every
-                # accelerator backend, formatting a stack trace each time (~1 ms per sample)
-                torch.default_generator.manual_seed(sample_seed)
-                random.seed(sample_seed)
             try:
-                image, label = self._decode(sample)
+                images, label = self._decode(sample, views, slot, position)
             except Exception as error:
                 errors(RuntimeError(f"{sample.get('__key__')} in {sample.get('__url__')}: {error}"))
                 continue
-            images.append(image), labels.append(label), keys.append(sample["__key__"])
-            if len(images) == self.batch_size:
-                yield self._batch(images, labels, keys)
+            group.append((images, label, sample["__key__"]))
+            if len(group) < self.batch_size:
+                continue
+            for view in range(views_to_drop, views):  # a resumed run may re-enter inside a group
+                if quota is not None and produced >= quota:
+                    return
+                yield self._batch(group, view)
                 produced += 1
-                images, labels, keys = [], [], []
-        if images and not self.training:
-            yield self._batch(images, labels, keys)
+            group, views_to_drop = [], 0
+        if group and not self.training:
+            yield self._batch(group, 0)
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
+    def _decode(self, sample: dict, views: int, slot: int, position: int) -> tuple[list[torch.Tensor], int]:
+        """The image decoded once (where the transform allows: see transforms.PILTransform) and
+        augmented `views` times, each view from its own seed, so a resumed run sees the same crops."""
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None:
             raise ValueError(f"no image in sample (has {sorted(k for k in sample if not k.startswith('__'))})")
         label = int(sample["cls"]) if "cls" in sample else -1
-        return self.transform(sample[key]), label
+        decode = getattr(self.transform, "decode", None)
+        augment = getattr(self.transform, "augment", self.transform)
+        source = decode(sample[key]) if decode is not None else sample[key]
+        images = []
+        for view in range(views):
+            if self.training:
+                seed_parts = (self.seed, self.epoch, slot, position) + ((view,) if views > 1 else ())
+                sample_seed = make_seed(*seed_parts)
+                # the CPU generator only: torch.manual_seed would also queue seeds for every
+                # accelerator backend, formatting a stack trace each time (~1 ms per sample)
+                torch.default_generator.manual_seed(sample_seed)
+                random.seed(sample_seed)
+            images.append(augment(source))
+        return images, label
 
     @staticmethod
-    def _batch(images: list, labels: list, keys: list) -> dict:
-        return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long), "keys": keys}
+    def _batch(group: list[tuple[list[torch.Tensor], int, str]], view: int) -> dict:
+        return {"images": torch.stack([images[view] for images, _, _ in group]),
+                "labels": torch.tensor([label for _, label, _ in group], dtype=torch.long),
+                "keys": [key for _, _, key in group]}
+
+
+def in_fraction(key: str, fraction: float) -> bool:
+    """A fixed subset of about `fraction` of the samples, chosen by their keys (the same subset in
+    every epoch, on every rank and in every process count): few-label runs."""
+    return fraction >= 1.0 or zlib.crc32(key.encode()) % 100000 < fraction * 100000
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
     """Batches are made in the workers; the DataLoader only moves them (batch_size=None). It gets
     its own generator: drawing worker seeds from the global one at every epoch would shift the
     training RNG (MAE's masks) differently in a resumed run."""
+    num_workers = min(num_workers, os.cpu_count() or 1)  # more workers than cores only adds contention
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers else None, persistent_workers=False,
                       generator=torch.Generator())

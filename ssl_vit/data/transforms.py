@@ -102,14 +102,22 @@ class RandomResizedCropFlip:
 
 
 class PILTransform:
-    """A PIL-based transform (timm's) that ends in a uint8 tensor."""
+    """A PIL-based transform (timm's) that ends in a uint8 tensor. `decode` and `augment` apart let
+    repeated augmentation decode an image once for its k views (timm's transforms return new images)."""
 
     def __init__(self, transform: Callable):
         self.transform = transform
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        image = self.transform(decode_pil(data))
+    @staticmethod
+    def decode(data: bytes) -> Image.Image:
+        return decode_pil(data)
+
+    def augment(self, image: Image.Image) -> torch.Tensor:
+        image = self.transform(image)
         return image if isinstance(image, torch.Tensor) else pil_to_uint8(image)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.augment(self.decode(data))
 
 
 def build_transform(data_cfg, img_size: Sequence[int], training: bool) -> Callable[[bytes], torch.Tensor]:
@@ -121,15 +129,37 @@ def build_transform(data_cfg, img_size: Sequence[int], training: bool) -> Callab
     if name == "rrc":
         return RandomResizedCropFlip(size, data_cfg.crop_scale, data_cfg.hflip)
     if name == "randaug":
-        return PILTransform(create_transform(
+        return PILTransform(_posterize_safe(create_transform(
             size, is_training=True, scale=tuple(data_cfg.crop_scale), hflip=data_cfg.hflip,
             auto_augment=data_cfg.auto_augment, interpolation="bicubic", re_prob=0.0,  # erasing: on the device
-            use_prefetcher=True))
+            use_prefetcher=True)))
     if name == "eval":
         # timm's eval transform: resize the short side to img_size / crop_pct, centre crop (bicubic)
         return PILTransform(create_transform(size, is_training=False, crop_pct=data_cfg.crop_pct,
                                              interpolation="bicubic", use_prefetcher=True))
     raise ValueError(f"data.train_transform={name!r}: use one of {', '.join(TRAIN_TRANSFORMS)}")
+
+
+def _posterize_keeping_zero_bits(img, bits_to_keep, **kwargs):
+    """timm's RandAugment asks for 0 bits at magnitude 10 ("inc1" posterize); Pillow >= 10 refuses
+    (ValueError: bits must be between 1 and 8) where older Pillow returned a black image. Keep the
+    old result rather than drop the sample."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    from timm.data.auto_augment import posterize
+
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_safe(transform):
+    from timm.data.auto_augment import RandAugment, posterize
+
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.aug_fn is posterize:
+                    op.aug_fn = _posterize_keeping_zero_bits
+    return transform
 
 
 class DeviceNormalize(nn.Module):

@@ -41,7 +41,9 @@ def create_encoder(name: str = "vit_base_patch16", **overrides: Any) -> "VisionT
     """Build a named encoder; any constructor argument of `VisionTransformer` may be overridden.
 
     >>> enc = create_encoder("vit_base_patch16", img_size=224, num_classes=1000)
+    >>> enc = create_encoder(**json.load(open("model.json"))["encoder"])  # an export's config (with "arch")
     """
+    name = overrides.pop("arch", name)
     if name not in ARCHS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ARCHS)} "
                          "(and override embed_dim/depth/num_heads/patch_size for custom sizes)")

@@ -170,3 +170,8 @@ class MAE(nn.Module):
                 "reconstruction": reconstruction,
                 "pasted": images.float() * (1 - mask_image) + reconstruction * mask_image,
                 "mask": mask_image}
+
+    def export_state(self) -> tuple[dict, dict]:
+        """(state dict, encoder config) of model.safetensors: the official MAE layout, decoder included."""
+        state = {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in self.state_dict().items()}
+        return state, dict(self.encoder.config)

@@ -1,0 +1,196 @@
+"""Evaluation protocols, exact under DDP: top-k accuracy, feature extraction, and the k-NN monitor.
+
+Every rank reads its own part of the split (each sample exactly once over all ranks, see
+data/stream.py); counts are summed over ranks, and features are gathered without padding or
+duplicates, so the numbers are those of a single process on the whole split.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _sum_over_ranks(values: torch.Tensor, accelerator) -> torch.Tensor:
+    if accelerator is not None and accelerator.num_processes > 1:
+        return accelerator.reduce(values, reduction="sum")
+    return values
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """How many of `labels` are among the top-k predictions, for each k: [len(ks)]."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [B, kmax]
+    hits = top == labels.unsqueeze(1)
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks]).float()
+
+
+@torch.no_grad()
+def evaluate(predict: Callable[[torch.Tensor], Logits], batches: Iterable[dict], *, device, normalize=None,
+             accelerator=None, input_key: str = "images") -> list[dict]:
+    """Top-1 / top-5 (percent) of `predict` over a split. `predict` may return several logits
+    (one per head, e.g. a learning-rate sweep): one result per head."""
+    counts, total = None, torch.zeros(1, device=device)
+    for batch in batches:
+        inputs = batch[input_key].to(device, non_blocking=True)
+        if normalize is not None and input_key == "images":
+            inputs = normalize(inputs)
+        labels = batch["labels"].to(device, non_blocking=True)
+        outputs = predict(inputs)
+        outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+        batch_counts = torch.stack([topk_correct(o.float(), labels) for o in outputs])  # [heads, 2]
+        counts = batch_counts if counts is None else counts + batch_counts
+        total += labels.numel()
+    if counts is None:
+        counts = torch.zeros(1, 2, device=device)
+    counts, total = _sum_over_ranks(counts, accelerator), _sum_over_ranks(total, accelerator)
+    n = int(total.item())
+    return [{"top1": 100.0 * float(c[0]) / max(n, 1), "top5": 100.0 * float(c[1]) / max(n, 1), "num_samples": n}
+            for c in counts]
+
+
+@torch.no_grad()
+def extract_features(features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict], *, device,
+                     normalize=None, accelerator=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Features, labels and keys of a whole split, gathered from every rank (each sample once),
+    sorted by key so that the result does not depend on the number of processes."""
+    feats, labels, keys = [], [], []
+    for batch in batches:
+        images = batch["images"].to(device, non_blocking=True)
+        feats.append(features(normalize(images) if normalize is not None else images).float())
+        labels.append(batch["labels"].to(device))
+        keys += list(batch["keys"])
+    feats = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    if accelerator is not None and accelerator.num_processes > 1:
+        feats, labels, keys = _gather_uneven(feats, labels, keys, accelerator)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    index = torch.tensor(order, dtype=torch.long, device=feats.device)
+    return feats[index], labels[index], [keys[i] for i in order]
+
+
+def _gather_uneven(feats: torch.Tensor, labels: torch.Tensor, keys: list[str], accelerator):
+    """all_gather of per-rank tensors of different lengths, without padding in the result."""
+    from accelerate.utils import gather_object
+
+    sizes = gather_object([feats.shape[0]])
+    dim = max(gather_object([feats.shape[1] if feats.numel() else 0]))
+    if feats.numel() == 0:
+        feats = torch.zeros(0, dim, device=labels.device)
+    longest = max(sizes)
+    padded = torch.zeros(longest, dim, device=feats.device, dtype=feats.dtype)
+    padded[: feats.shape[0]] = feats
+    padded_labels = torch.full((longest,), -1, device=labels.device, dtype=labels.dtype)
+    padded_labels[: labels.shape[0]] = labels
+    all_feats = accelerator.gather(padded).view(len(sizes), longest, dim)
+    all_labels = accelerator.gather(padded_labels).view(len(sizes), longest)
+    feats = torch.cat([all_feats[r, :n] for r, n in enumerate(sizes)])
+    labels = torch.cat([all_labels[r, :n] for r, n in enumerate(sizes)])
+    return feats, labels, gather_object(keys)
+
+
+@torch.no_grad()
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor, *,
+                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """DINO's weighted k-NN classifier (Caron et al. 2021, §4.1 and their eval_knn.py): cosine
+    similarity of L2-normalised features, the k nearest training samples vote for their label
+    with weight exp(similarity / temperature). Returns class scores [Q, num_classes]."""
+    with torch.autocast(queries.device.type, enabled=False):  # fp32 similarities, whatever the caller's autocast
+        return _knn_votes(train_features, train_labels, queries, num_classes, k, temperature, chunk)
+
+
+def _knn_votes(train_features, train_labels, queries, num_classes, k, temperature, chunk):
+    bank = F.normalize(train_features.float(), dim=1)
+    scores = []
+    for start in range(0, queries.shape[0], chunk):
+        q = F.normalize(queries[start:start + chunk].float(), dim=1)
+        similarity, index = (q @ bank.T).topk(min(k, bank.shape[0]), dim=1)     # [q, k]
+        weights = (similarity / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, train_labels[index], weights)
+        scores.append(votes)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=queries.device)
+
+
+@torch.no_grad()
+def knn_accuracy(features: Callable[[torch.Tensor], torch.Tensor], train_batches: Iterable[dict],
+                 val_batches: Iterable[dict], *, num_classes: int, device, normalize=None, accelerator=None,
+                 k: int = 20, temperature: float = 0.07) -> dict:
+    """Top-1 / top-5 of the k-NN classifier on the validation split, the training split as memory."""
+    bank, bank_labels, _ = extract_features(features, train_batches, device=device, normalize=normalize,
+                                            accelerator=accelerator)
+    results = evaluate(lambda x: knn_predict(bank, bank_labels, features(x), num_classes=num_classes, k=k,
+                                             temperature=temperature),
+                       val_batches, device=device, normalize=normalize, accelerator=accelerator)[0]
+    return {**results, "k": k, "temperature": temperature, "num_train_samples": int(bank.shape[0])}
+
+
+class Evaluator:
+    """What the training loop measures for its task, the same way on 1 or N processes:
+    classification tasks: top-1 / top-5 on data.val (the linear probe: one result per head of its
+    lr sweep, reporting the best); other tasks: the k-NN monitor of the encoder's features, when
+    eval.knn_every is set. Calling it returns flat metrics, prefixed by what they measure."""
+
+    def __init__(self, cfg, task, accelerator, normalize, num_classes: int, cached=None):
+        self.cfg, self.task, self.accelerator, self.normalize = cfg, task, accelerator, normalize
+        self.num_classes, self.cached = num_classes, cached  # cached: (val features, val labels)
+        self.classification = hasattr(task, "predict")
+        self.batch_size = cfg.eval.batch_size or cfg.data.batch_size
+
+    def _loader(self, split: str):
+        from .data import build_eval_loader
+
+        return build_eval_loader(self.cfg, split, rank=self.accelerator.process_index,
+                                 world_size=self.accelerator.num_processes, batch_size=self.batch_size)
+
+    def accuracy(self, module=None) -> list[dict]:
+        module = module or self.task
+        device = self.accelerator.device
+        was_training = module.training
+        module.eval()
+        try:
+            with self.accelerator.autocast():
+                if self.cached is not None:
+                    from .data.features import split_for_rank
+
+                    batches = split_for_rank(*self.cached, rank=self.accelerator.process_index,
+                                             world_size=self.accelerator.num_processes, batch_size=self.batch_size)
+                    return evaluate(lambda f: module.predict(f, from_features=True), batches, device=device,
+                                    accelerator=self.accelerator, input_key="features")
+                return evaluate(module.predict, self._loader("val"), device=device, normalize=self.normalize,
+                                accelerator=self.accelerator)
+        finally:
+            module.train(was_training)
+
+    def knn(self) -> dict:
+        encoder = self.task.encoder
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            with self.accelerator.autocast():
+                return knn_accuracy(lambda x: encoder.forward_head(encoder.forward_features(x), pre_logits=True),
+                                    self._loader("train"), self._loader("val"), num_classes=self.num_classes,
+                                    device=self.accelerator.device, normalize=self.normalize,
+                                    accelerator=self.accelerator, k=self.cfg.eval.knn_k,
+                                    temperature=self.cfg.eval.knn_temperature)
+        finally:
+            encoder.train(was_training)
+
+    def __call__(self, ema_module=None) -> dict:
+        if not self.classification:
+            return {f"knn_{k}": v for k, v in self.knn().items()}
+        results = self.accuracy()
+        best = max(range(len(results)), key=lambda i: results[i]["top1"])
+        metrics = dict(results[best])
+        scales = getattr(self.task, "lr_scales", None)
+        if scales is not None and len(results) > 1:
+            self.task.best_head = best
+            metrics["best_lr_scale"] = scales[best]
+            metrics["heads"] = [{"lr_scale": s, **r} for s, r in zip(scales, results)]
+        elif scales is not None:
+            self.task.best_head = 0
+        if ema_module is not None:
+            metrics.update({f"ema_{k}": v for k, v in self.accuracy(ema_module)[0].items()})
+        return metrics

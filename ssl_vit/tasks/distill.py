@@ -1,0 +1,235 @@
+"""DeiT distillation (Touvron et al. 2021): a class token and a distillation token on the shared encoder.
+
+    images [B, C, H, W] (+ mixup / cutmix, timm's Mixup)
+      -> encoder with [cls, dist] prefix tokens -> head(cls) , head_dist(dist)
+      -> class-token loss: cross-entropy to the (mixed, smoothed) labels            weight 1 - alpha
+      -> distillation-token loss, against a frozen teacher run on the same images    weight alpha
+           hard: cross-entropy to the teacher's argmax (DeiT's default, alpha 1/2, §5 eq. 3)
+           soft: KL(teacher || student) at temperature tau, x tau^2 (§5 eq. 2)
+           none: the labels again (the "two class tokens" control of §5)
+    evaluation: the mean of both heads' logits (DeiT's inference, §5), or one head (task.eval_head)
+
+Why not timm's `TokenDistillationTask`: its soft loss is the KL summed over classes and averaged
+over the batch, C times DeiT's (whose code divides the summed KL by batch x classes), so DeiT's
+alpha and tau would not carry over; it also takes (input, target) rather than our batch with
+mixup, and downloads its teacher by name. We keep DeiT's definition (`soft_distillation_loss`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+
+from ..models.vit import VisionTransformer
+from .classify import Classify
+
+DISTILLATION_TYPES = ("none", "soft", "hard")
+
+
+def soft_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """DeiT's soft loss: KL(softmax(t / tau) || softmax(s / tau)) summed, x tau^2, divided by
+    batch x classes (DeiT's losses.py, `outputs_kd.numel()`)."""
+    kl = F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
+                  reduction="sum", log_target=True)
+    return kl * (tau * tau) / student_logits.numel()
+
+
+def hard_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DeiT's hard loss: cross-entropy to the teacher's decision."""
+    return F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
+
+
+@dataclass
+class DistillOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+class Teacher(nn.Module):
+    """A frozen classifier seen through its own input: the student's normalised images are brought
+    back to pixels, normalised with the teacher's statistics and resized to its input size (bicubic)
+    when these differ. Always in eval mode, never trained."""
+
+    def __init__(self, model: nn.Module, *, student_mean: Sequence[float], student_std: Sequence[float],
+                 mean: Sequence[float], std: Sequence[float], img_size: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.img_size = list(img_size) if img_size is not None else None
+        self.same_normalisation = list(student_mean) == list(mean) and list(student_std) == list(std)
+        for name, values in (("student_mean", student_mean), ("student_std", student_std), ("mean", mean), ("std", std)):
+            self.register_buffer(name, torch.tensor(list(values), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.eval()
+
+    def describe(self) -> str:
+        name = getattr(self.model, "ssl_vit_config", None) or getattr(self.model, "config", {})
+        arch = name.get("arch") if isinstance(name, dict) else None
+        arch = arch or type(self.model).__name__
+        size = "x".join(map(str, self.img_size)) if self.img_size else "the student's size"
+        norm = "the student's normalisation" if self.same_normalisation else (
+            f"mean {[round(v, 3) for v in self.mean.flatten().tolist()]}, std {[round(v, 3) for v in self.std.flatten().tolist()]}")
+        return f"{arch} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters), frozen; input {size}, {norm}"
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)  # BatchNorm statistics and dropout stay frozen
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.same_normalisation:
+            pixels = images * self.student_std.to(images.dtype) + self.student_mean.to(images.dtype)
+            images = (pixels - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        if self.img_size is not None and list(images.shape[-2:]) != self.img_size:
+            images = F.interpolate(images, size=self.img_size, mode="bicubic", align_corners=False, antialias=True)
+        return self.model(images)
+
+
+class Distill(Classify):
+    """Classification with DeiT's distillation token. The teacher is held outside the module tree:
+    not in `state_dict` (checkpoints, exports), the optimizer or DDP; `.to()` still moves it."""
+
+    def __init__(self, encoder: VisionTransformer, teacher: Optional[Teacher], *, distillation: str = "hard",
+                 alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0, mixup: Optional[Mixup] = None,
+                 head_init_std: Optional[float] = 0.02, eval_head: str = "mean"):
+        if encoder.head_dist is None:
+            raise ValueError("distillation needs an encoder with a distillation token (model.dist_token=true)")
+        if distillation not in DISTILLATION_TYPES:
+            raise ValueError(f"distillation={distillation!r}: use one of {', '.join(DISTILLATION_TYPES)}")
+        if distillation != "none" and teacher is None:
+            raise ValueError(f"distillation={distillation!r} needs a teacher (task.teacher.weights)")
+        super().__init__(encoder, label_smoothing=label_smoothing, mixup=mixup, head_init_std=head_init_std)
+        self.distillation, self.alpha, self.tau, self.eval_head = distillation, alpha, tau, eval_head
+        self.__dict__["teacher"] = teacher  # a plain attribute: see the class docstring
+
+    def forward(self, batch: dict) -> DistillOutput:
+        images, labels = batch["images"], batch["labels"]
+        targets = labels
+        if self.training and self.mixup is not None:
+            images, targets = self.mixup(images, labels)  # both tokens and the teacher see the mixed images
+        cls_logits, dist_logits = self.encoder.forward_heads(self.encoder.forward_features(images))
+        class_loss = self.criterion(cls_logits.float(), targets)
+        if self.distillation == "none":
+            token_loss = self.criterion(dist_logits.float(), targets)
+        else:
+            teacher_logits = self.teacher_logits(images)
+            if self.distillation == "soft":
+                token_loss = soft_distillation_loss(dist_logits.float(), teacher_logits, self.tau)
+            else:
+                token_loss = hard_distillation_loss(dist_logits.float(), teacher_logits)
+        loss = (1 - self.alpha) * class_loss + self.alpha * token_loss
+        metrics = {"class_loss": class_loss.item(), "distillation_loss": token_loss.item()}
+        if targets is labels:
+            metrics["train_top1"] = 100.0 * ((cls_logits + dist_logits).argmax(1) == labels).float().mean().item()
+        return DistillOutput(loss=loss, logits=(cls_logits + dist_logits) / 2, metrics=metrics)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn, recurse)
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher(images).float()
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        if self.eval_head == "mean":
+            return self.encoder(images)  # the encoder's own eval output: the mean of both heads
+        cls_logits, dist_logits = self.encoder.forward_heads(self.encoder.forward_features(images))
+        return cls_logits if self.eval_head == "cls" else dist_logits
+
+
+# -------------------------------------------------------------------------------------------
+# the teacher: any timm classifier, or one of our exports, from a local file
+
+
+def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[int], student_mean: Sequence[float],
+                  student_std: Sequence[float]) -> Teacher:
+    """Build `task.teacher.arch` locally (pretrained=False: never downloaded) and load
+    `task.teacher.weights` strictly. Our exports say their own architecture and input (the JSON);
+    for other files the input size and normalisation come from timm's pretrained config of the arch,
+    unless task.teacher.img_size / mean / std say otherwise."""
+    import timm
+
+    from ..checkpoint import encoder_config_of, load_weights, read_checkpoint, unwrap
+    from ..config import ConfigError
+    from ..models.vit import create_encoder
+
+    if not teacher_cfg.weights:
+        raise ConfigError("distillation needs task.teacher.weights=PATH (a trained classifier: our "
+                          "model.safetensors, a timm or torchvision state dict); or task.distillation=none")
+    path = Path(teacher_cfg.weights)
+    if not path.is_file():
+        raise ConfigError(f"task.teacher.weights={teacher_cfg.weights}: no such file")
+    ours = encoder_config_of(path)
+    arch = teacher_cfg.arch or (ours or {}).get("arch")
+    if not arch:
+        raise ConfigError(f"task.teacher.arch is needed for {path.name} (not one of our exports): a timm model "
+                          "name, e.g. task.teacher.arch=regnety_160 for DeiT's teacher")
+    data = _export_data_settings(path)
+    if arch.startswith("timm:") or ours is None:
+        name = arch.removeprefix("timm:")
+        if name not in timm.list_models():
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+            raise ConfigError(f"task.teacher.arch={arch}: timm has no such model (similar: {', '.join(close)})")
+        state, _ = unwrap(read_checkpoint(path)[0])
+        file_classes = _classifier_outputs(timm.create_model(name, pretrained=False), state)
+        model = timm.create_model(name, pretrained=False, num_classes=file_classes or num_classes,
+                                  in_chans=(ours or {}).get("in_chans", 3))
+        model.ssl_vit_config = {"arch": f"timm:{name}"}
+        missing, unexpected = model.load_state_dict(_strip_prefixes(state, model), strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"task.teacher.weights={path} does not fit timm's {name}: missing "
+                              f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}; is task.teacher.arch right?")
+        pretrained = model.pretrained_cfg or {}
+        default_size = list(pretrained.get("input_size", (3, *student_img_size)))[1:]
+        default_mean, default_std = pretrained.get("mean", student_mean), pretrained.get("std", student_std)
+    else:  # one of our ViT exports (e.g. a fine-tuned, larger ViT)
+        model = create_encoder(**ours)
+        load_weights(model, path, strict=True, verbose=False)
+        default_size, default_mean, default_std = list(model.config["img_size"]), student_mean, student_std
+    outputs = getattr(model, "num_classes", None)
+    if outputs != num_classes:
+        raise ConfigError(f"the teacher {path.name} predicts {outputs} classes, the student {num_classes}")
+    if ours is not None:  # our exports record their input
+        default_size = list(ours.get("img_size", default_size))
+        default_mean, default_std = data.get("mean", default_mean), data.get("std", default_std)
+    size = teacher_cfg.img_size or default_size
+    size = [size, size] if isinstance(size, int) else list(size)
+    return Teacher(model, student_mean=student_mean, student_std=student_std,
+                   mean=list(teacher_cfg.mean or default_mean), std=list(teacher_cfg.std or default_std), img_size=size)
+
+
+def _export_data_settings(path: Path) -> dict:
+    import json
+
+    description = path.with_suffix(".json")
+    if description.is_file():
+        return json.loads(description.read_text()).get("data", {}) or {}
+    return {}
+
+
+def _classifier_outputs(model: nn.Module, state: dict) -> Optional[int]:
+    """The number of classes the file's classifier predicts (timm's default_cfg names the layer)."""
+    classifier = (model.pretrained_cfg or {}).get("classifier", "head")
+    weight = state.get(f"{classifier}.weight", state.get(f"encoder.{classifier}.weight"))
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def _strip_prefixes(state: dict, model: nn.Module) -> dict:
+    """torchvision / DDP / our task prefixes: `module.`, `encoder.`."""
+    keys = set(model.state_dict())
+    out = {}
+    for key, value in state.items():
+        for prefix in ("", "module.", "encoder.", "model."):
+            if key.startswith(prefix) and key[len(prefix):] in keys:
+                out[key[len(prefix):]] = value
+                break
+        else:
+            out[key] = value
+    return out

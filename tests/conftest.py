@@ -1,0 +1,36 @@
+"""Fixtures shared by the end-to-end tests, which run the commands as users do (subprocesses)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# a tiny ViT (32 wide, 2 blocks, 8x8 patches) and MAE decoder: seconds per run on a CPU
+TINY_VIT = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8", "data.num_workers=1"]
+TINY_MAE = [*TINY_VIT, "task.decoder_dim=32", "task.decoder_depth=1", "task.decoder_heads=2", "data.batch_size=32",
+            "optim.batch_size=32"]
+
+
+def run_command(command, env, expect=0, timeout=600):
+    """Run a command line (a list, as users type it) and check its exit code; returns the result."""
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """The environment of a command: its own digits cache, one thread per process (2 cores here)."""
+    return {**os.environ, "SSL_VIT_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_mae_run(tmp_path_factory, env):
+    """A briefly pre-trained tiny MAE, as users get from pretrain.py: backbone.safetensors (the
+    encoder) and model.safetensors (with the decoder), reconstructions logged to TensorBoard."""
+    out = tmp_path_factory.mktemp("mae")
+    run_command([sys.executable, str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits", f"train.output_dir={out}",
+                 "train.max_steps=3", "log.images_every=1", *TINY_MAE], env)
+    return out

@@ -1,0 +1,136 @@
+"""The evaluation commands end to end: tools/knn.py, tools/linear_probe.py, tools/finetune.py."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from conftest import ROOT
+from conftest import run_command as run
+from ssl_vit import config, create_encoder, load_weights
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_mae_run):
+    return tiny_mae_run / "backbone.safetensors"
+
+
+def tool(name):
+    return [sys.executable, str(ROOT / "tools" / f"{name}.py")]
+
+
+def metrics(out):
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+def test_knn_is_the_same_on_one_and_two_processes(tmp_path, env, backbone):
+    one = run([*tool("knn"), f"init={backbone}", "data.name=digits", f"train.output_dir={tmp_path / 'one'}"], env)
+    assert "k-NN (k=20, T=0.07): top-1" in one.stdout
+    two = run([*TORCHRUN, "29551", str(ROOT / "tools" / "knn.py"), f"init={backbone}", "data.name=digits",
+               f"train.output_dir={tmp_path / 'two'}"], env)
+    assert two.stdout.count("k-NN") == 1
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert a["num_samples"] == b["num_samples"] == 360 and a["num_train_samples"] == b["num_train_samples"] == 1437
+    assert a["top1"] == pytest.approx(b["top1"]) and a["top5"] == pytest.approx(b["top5"])
+    assert a["model"]["embed_dim"] == 32  # adopted from the export's JSON
+    assert any((tmp_path / "one" / "tensorboard").iterdir())
+    assert "data.crop_pct" in one.stdout  # the backbone's input settings too (digits: mean 0.5, whole image)
+    config_used = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert config_used["data"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0}
+
+
+def test_linear_probe_with_cached_features(tmp_path, env, backbone):
+    out = tmp_path / "probe"
+    result = run([*tool("linear_probe"), "recipe=linprobe_digits", f"init={backbone}", f"train.output_dir={out}",
+                  "optim.epochs=3", "optim.warmup_epochs=1", "task.lr_scales=[1,100]"], env)
+    assert "cached the train features of 1437 samples" in result.stdout
+    m = metrics(out)
+    assert m["num_samples"] == 360 and m["best_lr_scale"] in (1, 100) and len(m["heads"]) == 2
+    assert m["top1"] == max(h["top1"] for h in m["heads"])
+    # the frozen encoder is unchanged; the best head exports folded into a timm classifier
+    assert config.load([f"recipe={out / 'config.yaml'}"]).model.embed_dim == 32
+    exported = json.loads((out / "model.json").read_text())
+    timm_model = eval(exported["load_with_timm"], {"timm": timm}).eval()
+    original = create_encoder("vit_tiny_patch16", **{k: v for k, v in exported["encoder"].items()
+                                                     if k not in ("arch", "num_classes")})
+    load_weights(original, backbone, strict=True, verbose=False)
+    backbone_after = create_encoder("vit_tiny_patch16", **{k: v for k, v in exported["encoder"].items()
+                                                           if k not in ("arch", "num_classes")})
+    load_weights(backbone_after, out / "backbone.safetensors", strict=True, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), backbone_after.state_dict().values()))
+    assert exported["encoder"]["num_classes"] == 10 and timm_model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_linear_probe_of_a_random_encoder_with_augmentation(tmp_path, env):
+    """init=random is the baseline; data.train_transform=rrc runs the encoder at every step."""
+    out = tmp_path / "probe"
+    run([*tool("linear_probe"), "recipe=linprobe_digits", "init=random", f"train.output_dir={out}",
+         "train.max_steps=3", "data.train_transform=rrc", "data.batch_size=64", "optim.batch_size=128"], env)
+    m = metrics(out)
+    assert m["num_samples"] == 360 and m["init"] == "random" and 0 <= m["top1"] <= 100
+
+
+def test_finetune_evaluates_keeps_the_best_and_exports_for_timm(tmp_path, env, backbone):
+    out = tmp_path / "ft"
+    result = run([*tool("finetune"), "recipe=finetune_digits", f"init={backbone}", f"train.output_dir={out}",
+                  "optim.epochs=2", "optim.warmup_epochs=1", "eval.every_epochs=1", "train.ema_decay=0.9",
+                  "data.train_fraction=0.1", "train.checkpoint_every=2"], env)
+    assert result.stdout.count("validation samples") >= 2  # every epoch, and the end
+    m = metrics(out)
+    assert m["num_samples"] == 360 and {"top1", "top5", "ema_top1", "best"} <= set(m)
+    assert m["best"]["top1"] >= m["top1"]  # the best over every evaluation, the final one included
+    assert (out / "model_best.safetensors").is_file()
+    assert any((p / "ema.safetensors").is_file() for p in (out / "checkpoints").iterdir())
+    description = json.loads((out / "model.json").read_text())
+    timm_model = eval(description["load_with_timm"], {"timm": timm}).eval()
+    ours = create_encoder("vit_tiny_patch16", **{k: v for k, v in description["encoder"].items() if k != "arch"}).eval()
+    load_weights(ours, out / "model.safetensors", strict=True, verbose=False)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(timm_model(images), ours(images), atol=1e-5)
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("eval" in line for line in lines)
+
+
+def test_evaluation_commands_need_an_init(tmp_path, env):
+    for name, recipe in (("finetune", "finetune_digits"), ("linear_probe", "linprobe_digits"), ("knn", "knn")):
+        result = run([*tool(name), f"recipe={recipe}", f"train.output_dir={tmp_path}"], env, expect=2)
+        assert "init=random" in result.stderr and "Traceback" not in result.stderr
+    result = run([*tool("finetune"), "recipe=mae_tiny_digits", "init=random"], env, expect=2)
+    assert "task.name" in result.stderr
+
+
+VALIDATION = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from accelerate import Accelerator
+from ssl_vit import config, load_weights
+from ssl_vit.data import DeviceNormalize
+from ssl_vit.evaluate import Evaluator
+from ssl_vit.tasks import build
+cfg = config.load(["recipe=finetune_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                   "model.patch_size=8", "data.batch_size=50"])
+accelerator = Accelerator(cpu=True)
+torch.manual_seed(0)
+task = build(cfg, 10).to(accelerator.device)
+normalize = DeviceNormalize(cfg.data.mean, cfg.data.std)
+result = Evaluator(cfg, task, accelerator, normalize, 10)()
+if accelerator.is_main_process:
+    json.dump(result, open({out!r}, "w"))
+"""
+
+
+def test_validation_accuracy_is_the_same_on_one_and_two_processes(tmp_path, env):
+    results = {}
+    for name, launcher in (("one", [sys.executable]), ("two", [*TORCHRUN, "29552"])):
+        script = tmp_path / f"{name}.py"
+        script.write_text(VALIDATION.format(root=str(ROOT), out=str(tmp_path / f"{name}.json")))
+        run([*launcher, str(script)], env)
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["one"]["num_samples"] == results["two"]["num_samples"] == 360
+    assert results["one"]["top1"] == pytest.approx(results["two"]["top1"])
+    assert results["one"]["top5"] == pytest.approx(results["two"]["top5"])
