@@ -137,6 +137,12 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
         load_weights(encoder, cfg.init, verbose=accelerator.is_main_process)
     else:
         torch.manual_seed(cfg.train.seed)
+        encoder = build_encoder(cfg.model, num_classes=0)  # the seeded initialisation
+        if accelerator.is_main_process:
+            shape = encoder.config
+            print(f"init=random: a randomly initialised encoder of recipe {cfg.recipe!r}: {shape['arch']}, "
+                  f"{shape['embed_dim']} wide, {shape['depth']} blocks, {shape['patch_size']}-pixel patches, "
+                  f"images {shape['img_size']} (compare with recipe=<the pre-training recipe> init=random)")
     encoder.to(accelerator.device).eval()
     from .data import build_eval_loader
 

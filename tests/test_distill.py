@@ -92,6 +92,12 @@ def test_the_teacher_is_frozen_and_outside_the_weights():
     assert not any(k.startswith("teacher") for k in task.state_dict())  # not in checkpoints or exports
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not in_optimizer & {id(p) for p in task.teacher.parameters()}
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(task, decay=0.9)  # deep-copies the task: the copy shares the frozen teacher
+    assert ema.module.teacher is task.teacher
+    assert ema.module.encoder.head.weight is not task.encoder.head.weight
+    assert torch.equal(ema.module.encoder.head.weight, task.encoder.head.weight)
     task.to(torch.float64)  # .to() still moves / casts the teacher with the task
     assert task.teacher.model.fc.weight.dtype == torch.float64
 

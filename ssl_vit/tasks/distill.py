@@ -126,6 +126,18 @@ class Distill(Classify):
             metrics["train_top1"] = 100.0 * ((cls_logits + dist_logits).argmax(1) == labels).float().mean().item()
         return DistillOutput(loss=loss, logits=(cls_logits + dist_logits) / 2, metrics=metrics)
 
+    def __deepcopy__(self, memo):
+        """Copies (timm's EMA of the weights deep-copies the task) share the frozen teacher: a
+        RegNetY-16GF is 84M parameters that never change."""
+        import copy
+
+        memo[id(self.teacher)] = self.teacher
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+        return copied
+
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         if self.teacher is not None:
