@@ -16,18 +16,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 from . import config
 from .config import ConfigError
-
-CHECKPOINT_PREFIX = "step_"
+from .run_state import Checkpoints, Preemption, TrainState
 
 
 @dataclass(frozen=True)
@@ -72,40 +69,6 @@ def make_plan(cfg, world_size: int, samples_per_epoch: int, num_classes: int = 0
                 samples_per_epoch=samples_per_epoch, steps_per_epoch=steps_per_epoch, total_steps=total,
                 warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch), stop_step=stop,
                 base_lr=base_lr(cfg.optim), min_lr=cfg.optim.min_lr, num_classes=num_classes)
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint needs beyond model, optimizer and RNG (which Accelerate saves); JSON."""
-    step: int = 0
-    samples_seen: int = 0
-    nonfinite_total: int = 0
-    nonfinite_streak: int = 0
-    world_size: int = 1
-    best: dict = field(default_factory=dict)     # the best evaluation so far (classification): metrics + step
-    history: list = field(default_factory=list)  # resumes: [{"step":, "world_size":}]
-
-
-class Preemption:
-    """Ways to ask a run for a checkpoint and a clean exit (code 0): SIGTERM or SIGUSR1 to the
-    training processes (cluster preemption), or a file named STOP in the output folder (what
-    tools/slurm_pretrain.sh creates when SLURM warns the job; it works whatever the launchers in
-    between do with signals). The file is removed when the checkpoint is written."""
-
-    def __init__(self, stop_file: Path, watch_file: bool):
-        self.requested, self.stop_file, self.watch_file = False, stop_file, watch_file
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def asked(self) -> bool:
-        return self.requested or (self.watch_file and self.stop_file.exists())
-
-    def clear(self) -> None:
-        if self.watch_file:
-            self.stop_file.unlink(missing_ok=True)
 
 
 class Trainer:
@@ -164,6 +127,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.task, accelerator, self.normalize, self.plan.num_classes,
                                    cached=cached_val) if labelled else None
         self.state = TrainState(world_size=accelerator.num_processes)
+        self.checkpoints = Checkpoints(accelerator, self.output_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.preemption = Preemption(self.output_dir / "STOP", watch_file=accelerator.is_main_process)
         self.preemption.clear()  # a stale request from a run that died before honouring it
         self.log_file = self.output_dir / "log.jsonl"
@@ -385,64 +349,13 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
-
-    def _complete_checkpoints(self) -> list[Path]:
-        if not self.checkpoint_dir.is_dir():
-            return []
-        return sorted(p for p in self.checkpoint_dir.iterdir()
-                      if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "train_state.json").is_file())
-
     def _save_checkpoint(self) -> None:
-        accelerator = self.accelerator
-        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.state.step:08d}"
-        if final.is_dir():
-            return
-        tmp = self.checkpoint_dir / f".{final.name}.tmp"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # model, optimizer, every rank's RNG states
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if self.ema is not None:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, str(tmp / "ema.safetensors"))
-            (tmp / "train_state.json").write_text(json.dumps(asdict(self.state), indent=1))
-            os.replace(tmp, final)  # complete only now: a crash before leaves a .tmp that is ignored
-            for old in self._complete_checkpoints()[:-self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        self.checkpoints.save(self.state, ema=self.ema)
 
     def _resume_or_start(self) -> None:
-        accelerator, cfg = self.accelerator, self.cfg
-        resume = str(cfg.resume)
-        path = None
-        if resume.lower() not in ("auto", "false", "no", "off", "none"):
-            path = Path(resume)
-            if not (path / "train_state.json").is_file():
-                raise ConfigError(f"resume={resume}: not a complete checkpoint folder (no train_state.json); "
-                                  f"checkpoints live in {self.checkpoint_dir}")
-        elif resume.lower() == "auto":
-            found = self._complete_checkpoints()
-            path = found[-1] if found else None
+        path = self.checkpoints.find(str(self.cfg.resume))
         if path is not None:
-            accelerator.load_state(str(path))
-            if self.ema is not None and (path / "ema.safetensors").is_file():
-                from safetensors.torch import load_file
-
-                self.ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(accelerator.device)))
-            saved = json.loads((path / "train_state.json").read_text())
-            self.state = TrainState(**saved)
-            self.state.history.append({"step": self.state.step, "world_size": accelerator.num_processes})
-            note = ""
-            if saved["world_size"] != accelerator.num_processes:
-                note = (f" (saved with {saved['world_size']} processes, now {accelerator.num_processes}: the global "
-                        "batch and schedule are unchanged, the order of the data differs)")
+            self.state, note = self.checkpoints.load(path, ema=self.ema)
             self._print(f"resumed from {path} at step {self.state.step}{note}")
         self._write_run_files(resumed=path is not None)
 
