@@ -119,8 +119,9 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
 
     from .checkpoint import load_weights
     from .data import DeviceNormalize, num_classes, shard_source
-    from .evaluate import knn_accuracy
+    from .evaluate import knn_evaluate
     from .tasks import build_encoder
+    from .train import mixed_precision
 
     argv = _argv(argv)
     cfg = load_config(argv, "knn.py", default_recipe="knn")
@@ -130,30 +131,20 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
     if not cfg.init:
         raise ConfigError("knn.py needs init=PATH (an encoder's weights) or init=random")
     config.check_data(cfg, ("train", "val"))
-    cpu = not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if not cpu and torch.cuda.is_bf16_supported() else "no")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.train.precision))
+    if cfg.init == "random":
+        torch.manual_seed(cfg.train.seed)  # the encoder's initialisation
     encoder = build_encoder(cfg.model, num_classes=0)
     if cfg.init != "random":
         load_weights(encoder, cfg.init, verbose=accelerator.is_main_process)
-    else:
-        torch.manual_seed(cfg.train.seed)
-        encoder = build_encoder(cfg.model, num_classes=0)  # the seeded initialisation
-        if accelerator.is_main_process:
-            shape = encoder.config
-            print(f"init=random: a randomly initialised encoder of recipe {cfg.recipe!r}: {shape['arch']}, "
-                  f"{shape['embed_dim']} wide, {shape['depth']} blocks, {shape['patch_size']}-pixel patches, "
-                  f"images {shape['img_size']} (compare with recipe=<the pre-training recipe> init=random)")
-    encoder.to(accelerator.device).eval()
-    from .data import build_eval_loader
-
-    loaders = [build_eval_loader(cfg, split, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                 batch_size=cfg.eval.batch_size or cfg.data.batch_size) for split in ("train", "val")]
+    elif accelerator.is_main_process:
+        shape = encoder.config
+        print(f"init=random: a randomly initialised encoder of recipe {cfg.recipe!r}: {shape['arch']}, "
+              f"{shape['embed_dim']} wide, {shape['depth']} blocks, {shape['patch_size']}-pixel patches, "
+              f"images {shape['img_size']} (compare with recipe=<the pre-training recipe> init=random)")
+    encoder.to(accelerator.device)
     normalize = DeviceNormalize(cfg.data.mean, cfg.data.std).to(accelerator.device)
-    with accelerator.autocast():
-        metrics = knn_accuracy(lambda x: encoder.forward_head(encoder.forward_features(x), pre_logits=True),
-                               *loaders, num_classes=num_classes(cfg, shard_source(cfg, "train")),
-                               device=accelerator.device, normalize=normalize, accelerator=accelerator,
-                               k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    metrics = knn_evaluate(encoder, cfg, accelerator, normalize, num_classes(cfg, shard_source(cfg, "train")))
     if accelerator.is_main_process:
         output = Path(cfg.train.output_dir)
         output.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,26 @@ def knn_accuracy(features: Callable[[torch.Tensor], torch.Tensor], train_batches
     return {**results, "k": k, "temperature": temperature, "num_train_samples": int(bank.shape[0])}
 
 
+def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int) -> dict:
+    """The k-NN protocol on a recipe's splits for an encoder's pooled features (what its head would
+    read): data.train as memory, data.val as queries, eval.knn_k and eval.knn_temperature. The
+    monitor inside training and tools/knn.py both run this."""
+    from .data import build_eval_loader
+
+    batch_size = cfg.eval.batch_size or cfg.data.batch_size
+    train, val = (build_eval_loader(cfg, split, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                    batch_size=batch_size) for split in ("train", "val"))
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with accelerator.autocast():
+            return knn_accuracy(lambda x: encoder.forward_head(encoder.forward_features(x), pre_logits=True),
+                                train, val, num_classes=num_classes, device=accelerator.device, normalize=normalize,
+                                accelerator=accelerator, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+    finally:
+        encoder.train(was_training)
+
+
 class Evaluator:
     """What the training loop measures for its task, the same way on 1 or N processes:
     classification tasks: top-1 / top-5 on data.val (the linear probe: one result per head of its
@@ -165,18 +185,7 @@ class Evaluator:
             module.train(was_training)
 
     def knn(self) -> dict:
-        encoder = self.task.encoder
-        was_training = encoder.training
-        encoder.eval()
-        try:
-            with self.accelerator.autocast():
-                return knn_accuracy(lambda x: encoder.forward_head(encoder.forward_features(x), pre_logits=True),
-                                    self._loader("train"), self._loader("val"), num_classes=self.num_classes,
-                                    device=self.accelerator.device, normalize=self.normalize,
-                                    accelerator=self.accelerator, k=self.cfg.eval.knn_k,
-                                    temperature=self.cfg.eval.knn_temperature)
-        finally:
-            encoder.train(was_training)
+        return knn_evaluate(self.task.encoder, self.cfg, self.accelerator, self.normalize, self.num_classes)
 
     def __call__(self, ema_module=None) -> dict:
         if not self.classification:

@@ -94,7 +94,7 @@ class Trainer:
                               num_classes(cfg, source) if labelled else 0)
         self.accelerator = Accelerator(
             cpu=cpu,
-            mixed_precision=_precision(cfg.train.precision), gradient_accumulation_steps=self.plan.accumulation,
+            mixed_precision=mixed_precision(cfg.train.precision), gradient_accumulation_steps=self.plan.accumulation,
             log_with="tensorboard" if cfg.log.tensorboard else None, step_scheduler_with_optimizer=False,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "tensorboard")))
@@ -472,7 +472,7 @@ def _chunks(batches, size: int):
         yield chunk
 
 
-def _precision(name: str) -> str:
+def mixed_precision(name: str) -> str:
     """auto: bf16 autocast where the GPU supports it, full fp32 on CPU (bf16 also runs on CPU when asked)."""
     if name != "auto":
         return name
