@@ -190,6 +190,9 @@ def _load_other_model(module: nn.Module, state: dict[str, torch.Tensor], report:
     target = module.state_dict()
     prefix = "encoder." if hasattr(module, "encoder") else ""
     state = _place_keys(state, set(target), prefix)
+    if not prefix:  # a task's own state (keys under encoder.) into the bare model
+        state = {(k[len("encoder."):] if k.startswith("encoder.") and k[len("encoder."):] in target else k): v
+                 for k, v in state.items()}
     for key in list(state):
         if key in target and state[key].shape != target[key].shape:
             if state[key].ndim <= 2 and key.rsplit(".", 2)[-2] in ("fc", "head", "classifier", "last_linear"):
@@ -420,6 +423,12 @@ def _save(state: dict[str, torch.Tensor], path: Union[str, Path], *, kind: str, 
             f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes={n}))")
     path.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
     return path
+
+
+def export_description(path: Union[str, Path]) -> dict:
+    """The JSON written beside one of our exports (recipe, task, input normalisation); {} if none."""
+    description = Path(path).with_suffix(".json")
+    return json.loads(description.read_text()) if description.is_file() else {}
 
 
 def encoder_config_of(path: Union[str, Path]) -> Optional[dict]:

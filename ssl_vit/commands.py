@@ -50,10 +50,11 @@ def adopt_init_settings(cfg, explicit: set[str]) -> list[str]:
     if not path.exists():
         raise ConfigError(f"init={cfg.init}: no such file; give a checkpoint (ours, timm, official MAE or DeiT) "
                           "or init=random")
-    description = path.with_suffix(".json")
-    if path.suffix != ".safetensors" or not description.is_file():
+    from .checkpoint import export_description
+
+    saved = export_description(path) if path.suffix == ".safetensors" else {}
+    if not saved:
         return []
-    saved = json.loads(description.read_text())
     adopted = []
     for key in ADOPTED_MODEL_KEYS:
         if f"model.{key}" not in explicit and key in saved.get("encoder", {}):

@@ -223,12 +223,13 @@ def _settings_of(cfg, checkpoint: dict, explicit: set[str]) -> dict[str, Any]:
     """What the file says about the model, as {recipe key: value}. Our exports record the whole
     encoder (in the safetensors metadata) and the run's task (in the JSON beside); official MAE,
     timm and DeiT files carry no config, so the tensors' shapes say what they can."""
+    from .checkpoint import export_description
+
     state = checkpoint["state"]
     if checkpoint["ours"]:
         encoder = json.loads(checkpoint["metadata"]["encoder"])
         settings = {f"model.{f.name}": encoder[f.name] for f in fields(ModelConfig) if f.name in encoder}
-        description = Path(cfg.init).with_suffix(".json")
-        recorded = (json.loads(description.read_text()).get("task") or {}) if description.is_file() else {}
+        recorded = export_description(cfg.init).get("task") or {}
     else:
         settings = _architecture_of(cfg, state, explicit)
         recorded = checkpoint["args"]

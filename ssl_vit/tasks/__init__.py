@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from ..models.timm_models import create_timm_model
 from ..models.vit import VisionTransformer, create_encoder
 from .classify import Classify, ClassifyOutput, build_mixup
 from .distill import Distill, DistillOutput, Teacher, build_teacher
@@ -27,24 +28,6 @@ def build_encoder(model_cfg, **overrides) -> VisionTransformer:
     if arch.startswith("timm:"):
         return create_timm_model(arch, options)
     return create_encoder(arch, **options)
-
-
-def create_timm_model(arch: str, options: dict):
-    import timm
-
-    from ..config import ConfigError
-
-    name = arch.removeprefix("timm:")
-    if name not in timm.list_models():
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ConfigError(f"model.arch={arch}: timm has no model {name!r} (similar: {', '.join(close) or 'none'})")
-    img_size = options["img_size"]
-    model = timm.create_model(name, pretrained=False, num_classes=options["num_classes"],
-                              in_chans=options["in_chans"], drop_path_rate=options["drop_path_rate"] or None)
-    # what our exports record, so that init= / task.teacher.weights= can rebuild it
-    model.ssl_vit_config = {"arch": arch, "num_classes": options["num_classes"], "in_chans": options["in_chans"],
-                            "img_size": [img_size, img_size] if isinstance(img_size, int) else list(img_size)}
-    return model
 
 
 def build_mae(cfg, num_classes: int) -> MAE:

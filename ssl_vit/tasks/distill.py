@@ -166,10 +166,11 @@ def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[i
     `task.teacher.weights` strictly. Our exports say their own architecture and input (the JSON);
     for other files the input size and normalisation come from timm's pretrained config of the arch,
     unless task.teacher.img_size / mean / std say otherwise."""
-    import timm
+    from timm.models import get_pretrained_cfg
 
-    from ..checkpoint import encoder_config_of, load_weights, read_checkpoint, unwrap
+    from ..checkpoint import CheckpointError, encoder_config_of, export_description, load_weights, read_checkpoint, unwrap
     from ..config import ConfigError
+    from ..models.timm_models import create_timm_model, timm_model_name
     from ..models.vit import create_encoder
 
     if not teacher_cfg.weights:
@@ -183,24 +184,24 @@ def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[i
     if not arch:
         raise ConfigError(f"task.teacher.arch is needed for {path.name} (not one of our exports): a timm model "
                           "name, e.g. task.teacher.arch=regnety_160 for DeiT's teacher")
-    data = _export_data_settings(path)
+    data = export_description(path).get("data") or {}
     if arch.startswith("timm:") or ours is None:
-        name = arch.removeprefix("timm:")
-        if name not in timm.list_models():
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-            raise ConfigError(f"task.teacher.arch={arch}: timm has no such model (similar: {', '.join(close)})")
+        name = timm_model_name(arch, "task.teacher.arch")
+        pretrained = get_pretrained_cfg(name)  # timm's defaults for the arch: classifier name, input
+        classifier = pretrained.classifier if pretrained is not None else "head"
         state, _ = unwrap(read_checkpoint(path)[0])
-        file_classes = _classifier_outputs(timm.create_model(name, pretrained=False), state)
-        model = timm.create_model(name, pretrained=False, num_classes=file_classes or num_classes,
-                                  in_chans=(ours or {}).get("in_chans", 3))
-        model.ssl_vit_config = {"arch": f"timm:{name}"}
-        missing, unexpected = model.load_state_dict(_strip_prefixes(state, model), strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"task.teacher.weights={path} does not fit timm's {name}: missing "
-                              f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}; is task.teacher.arch right?")
-        pretrained = model.pretrained_cfg or {}
-        default_size = list(pretrained.get("input_size", (3, *student_img_size)))[1:]
-        default_mean, default_std = pretrained.get("mean", student_mean), pretrained.get("std", student_std)
+        weight = state.get(f"{classifier}.weight", state.get(f"encoder.{classifier}.weight"))
+        default_size = list(pretrained.input_size[1:]) if pretrained is not None else list(student_img_size)
+        model = create_timm_model(name, dict(num_classes=int(weight.shape[0]) if weight is not None else num_classes,
+                                             in_chans=(ours or {}).get("in_chans", 3)),
+                                  key="task.teacher.arch")
+        try:
+            load_weights(model, state, strict=True, verbose=False)
+        except CheckpointError as e:
+            raise ConfigError(f"task.teacher.weights={path} does not fit timm's {name}: {e}; is task.teacher.arch "
+                              "right?") from None
+        default_mean = pretrained.mean if pretrained is not None else student_mean
+        default_std = pretrained.std if pretrained is not None else student_std
     else:  # one of our ViT exports (e.g. a fine-tuned, larger ViT)
         model = create_encoder(**ours)
         load_weights(model, path, strict=True, verbose=False)
@@ -215,33 +216,3 @@ def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[i
     size = [size, size] if isinstance(size, int) else list(size)
     return Teacher(model, student_mean=student_mean, student_std=student_std,
                    mean=list(teacher_cfg.mean or default_mean), std=list(teacher_cfg.std or default_std), img_size=size)
-
-
-def _export_data_settings(path: Path) -> dict:
-    import json
-
-    description = path.with_suffix(".json")
-    if description.is_file():
-        return json.loads(description.read_text()).get("data", {}) or {}
-    return {}
-
-
-def _classifier_outputs(model: nn.Module, state: dict) -> Optional[int]:
-    """The number of classes the file's classifier predicts (timm's default_cfg names the layer)."""
-    classifier = (model.pretrained_cfg or {}).get("classifier", "head")
-    weight = state.get(f"{classifier}.weight", state.get(f"encoder.{classifier}.weight"))
-    return int(weight.shape[0]) if weight is not None else None
-
-
-def _strip_prefixes(state: dict, model: nn.Module) -> dict:
-    """torchvision / DDP / our task prefixes: `module.`, `encoder.`."""
-    keys = set(model.state_dict())
-    out = {}
-    for key, value in state.items():
-        for prefix in ("", "module.", "encoder.", "model."):
-            if key.startswith(prefix) and key[len(prefix):] in keys:
-                out[key[len(prefix):]] = value
-                break
-        else:
-            out[key] = value
-    return out
