@@ -126,8 +126,8 @@ def picture_images(cfg, task, micro: dict) -> Optional[torch.Tensor]:
     watch (a linear probe's encoder is frozen: its attention never changes)."""
     if hasattr(task, "reconstruct"):
         return micro["images"][:PICTURE_IMAGES].clone()
-    encoder = task.encoder
-    if encoder.cls_token is None or not any(p.requires_grad for p in encoder.parameters()):
+    encoder = task.encoder  # (a timm model trained with model.arch=timm:NAME has no class token to picture)
+    if getattr(encoder, "cls_token", None) is None or not any(p.requires_grad for p in encoder.parameters()):
         return None
     from .data import build_eval_loader
 
