@@ -184,7 +184,7 @@ def _read(path: str) -> dict:
 
 def _build_model(mode: str, cfg, explicit: set[str], checkpoint: dict):
     from .checkpoint import CheckpointError, load_weights
-    from .tasks import MAE, build_encoder
+    from .tasks import build_encoder, build_mae
 
     has_decoder = "decoder_pred.weight" in checkpoint["state"]
     if mode == "reconstruct" and not has_decoder:
@@ -200,14 +200,14 @@ def _build_model(mode: str, cfg, explicit: set[str], checkpoint: dict):
         print(f"reading {cfg.init} as an MAE with norm_pix_loss={cfg.task.norm_pix_loss} and "
               f"decoder_heads={cfg.task.decoder_heads} (override with task.norm_pix_loss= / task.decoder_heads=)")
 
-    model = encoder = build_encoder(cfg.model)
     if mode == "reconstruct":
         task = cfg.task
         if task.decoder_dim % task.decoder_heads:
             raise ConfigError(f"task.decoder_dim={task.decoder_dim} (the file's) is not divisible by "
                               f"task.decoder_heads={task.decoder_heads}: give task.decoder_heads=")
-        model = MAE(encoder, decoder_dim=task.decoder_dim, decoder_depth=task.decoder_depth,
-                    decoder_heads=task.decoder_heads, mask_ratio=task.mask_ratio, norm_pix_loss=task.norm_pix_loss)
+        model = build_mae(cfg, num_classes=0)
+    else:
+        model = build_encoder(cfg.model)
     try:  # our exports by path (their metadata records the grid), foreign files as already read
         report = load_weights(model, cfg.init if checkpoint["ours"] else checkpoint["raw"])
     except CheckpointError as e:
@@ -291,13 +291,12 @@ def load_images(cfg):
     (resize to img_size / data.crop_pct, centre crop), or the first num_images of a shard split."""
     import torch
 
+    from .data.loaders import image_size
     from .data.transforms import build_transform
 
-    size = cfg.model.img_size
-    size = [size, size] if isinstance(size, int) else list(size)
     if cfg.images is None:
         return _split_images(cfg)
-    transform = build_transform(cfg.data, size, training=False)
+    transform = build_transform(cfg.data, image_size(cfg), training=False)
     images = []
     for path in image_paths(cfg.images):
         try:

@@ -46,7 +46,7 @@ def num_classes(cfg, source: ShardSource) -> int:
     return len(source.classes)
 
 
-def _img_size(cfg) -> list[int]:
+def image_size(cfg) -> list[int]:
     size = cfg.model.img_size
     return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
 
@@ -81,7 +81,7 @@ class EvalData:
 def build_train_loader(cfg, *, batches_per_epoch: int, rank: int = 0, world_size: int = 1,
                        source: Optional[ShardSource] = None) -> TrainData:
     source = source or shard_source(cfg, "train")
-    stream = ShardStream(source.urls, build_transform(cfg.data, _img_size(cfg), training=True),
+    stream = ShardStream(source.urls, build_transform(cfg.data, image_size(cfg), training=True),
                          batch_size=cfg.data.batch_size, training=True, seed=cfg.train.seed, rank=rank,
                          world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer,
                          batches_per_epoch=batches_per_epoch, counts=source.counts,
@@ -92,7 +92,7 @@ def build_train_loader(cfg, *, batches_per_epoch: int, rank: int = 0, world_size
 def build_eval_loader(cfg, split: str = "val", *, rank: int = 0, world_size: int = 1,
                       batch_size: Optional[int] = None, training_transform: bool = False) -> EvalData:
     source = shard_source(cfg, split)
-    transform = build_transform(cfg.data, _img_size(cfg), training=training_transform)
+    transform = build_transform(cfg.data, image_size(cfg), training=training_transform)
     stream = ShardStream(source.urls, transform, batch_size=batch_size or cfg.data.batch_size, training=False,
                          seed=cfg.train.seed, rank=rank, world_size=world_size, counts=source.counts)
     return EvalData(stream, make_loader(stream, cfg.data.num_workers), source)

@@ -15,7 +15,7 @@ from .linear_probe import LinearProbe, ProbeOutput
 from .mae import MAE, MAEOutput
 
 __all__ = ["MAE", "MAEOutput", "Classify", "ClassifyOutput", "Distill", "DistillOutput", "Teacher", "LinearProbe",
-           "ProbeOutput", "build", "build_encoder", "build_teacher", "CLASSIFICATION_TASKS"]
+           "ProbeOutput", "build", "build_encoder", "build_mae", "build_teacher", "CLASSIFICATION_TASKS"]
 
 CLASSIFICATION_TASKS = ("classify", "linear_probe", "distill")
 
