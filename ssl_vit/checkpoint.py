@@ -413,6 +413,9 @@ def _save(state: dict[str, torch.Tensor], path: Union[str, Path], *, kind: str, 
     timm_cfg = timm_equivalent(encoder_config)
     description = {"format": FORMAT, "kind": kind, "file": path.name, "encoder": encoder_config, **(extra or {})}
     if timm_cfg is not None and not any(k.startswith(MAE_DECODER_PREFIXES) for k in tensors):
+        # pretrained=True with `file` in the overlay loads this local file and nothing else: timm
+        # resolves a `file` before any hub id or URL of a plain (not "hf-hub:") model name, so no
+        # weights are downloaded (the tests run it with HF_HUB_OFFLINE=1).
         # num_classes in the overlay too: timm then keeps our head and loads strictly (with another
         # num_classes it silently drops the file's classifier and loads non-strictly).
         n = encoder_config["num_classes"]

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# nothing may reach a hub: timm / huggingface_hub fail instead of downloading, here and in subprocesses
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 ROOT = Path(__file__).resolve().parent.parent
 # a tiny ViT (32 wide, 2 blocks, 8x8 patches) and MAE decoder: seconds per run on a CPU
 TINY_VIT = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8", "data.num_workers=1"]
