@@ -1,5 +1,6 @@
-"""ssl_vit: one timm-compatible ViT encoder, interchangeable heads (MAE, classification, DeiT
-distillation), one Accelerate training loop, webdataset shards.
+"""ssl_vit: shared encoders (a timm-compatible ViT, any timm model) and interchangeable tasks (MAE,
+classification, linear probing, DeiT distillation) behind one written contract each, one Accelerate
+training loop, webdataset shards.
 
 The public names are imported on first use, so that command-line tools can check their
 arguments (and print --help) before paying for `import torch`.
@@ -11,7 +12,11 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "ARCHS": "ssl_vit.models.vit",
     "VisionTransformer": "ssl_vit.models.vit",
-    "create_encoder": "ssl_vit.models.vit",
+    "create_encoder": "ssl_vit.models",
+    "build_encoder": "ssl_vit.models",
+    "register_family": "ssl_vit.models",
+    "register_task": "ssl_vit.tasks",
+    "Task": "ssl_vit.tasks",
     "load_weights": "ssl_vit.checkpoint",
     "export_backbone": "ssl_vit.checkpoint",
     "export_model": "ssl_vit.checkpoint",

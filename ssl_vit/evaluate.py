@@ -28,17 +28,18 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch
 
 
 @torch.no_grad()
-def evaluate(predict: Callable[[torch.Tensor], Logits], batches: Iterable[dict], *, device, normalize=None,
-             accelerator=None, input_key: str = "images") -> list[dict]:
-    """Top-1 / top-5 (percent) of `predict` over a split. `predict` may return several logits
-    (one per head, e.g. a learning-rate sweep): one result per head."""
+def evaluate(predict: Callable[[dict], Logits], batches: Iterable[dict], *, device, normalize=None,
+             accelerator=None) -> list[dict]:
+    """Top-1 / top-5 (percent) of `predict` over a split; `predict` takes the batch on the device,
+    its images normalised (or cached features, `features`). It may return several logits (one per
+    head, e.g. a learning-rate sweep): one result per head."""
     counts, total = None, torch.zeros(1, device=device)
     for batch in batches:
-        inputs = batch[input_key].to(device, non_blocking=True)
-        if normalize is not None and input_key == "images":
-            inputs = normalize(inputs)
-        labels = batch["labels"].to(device, non_blocking=True)
-        outputs = predict(inputs)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if normalize is not None and "images" in batch:
+            batch["images"] = normalize(batch["images"])
+        labels = batch["labels"]
+        outputs = predict(batch)
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
         batch_counts = torch.stack([topk_correct(o.float(), labels) for o in outputs])  # [heads, 2]
         counts = batch_counts if counts is None else counts + batch_counts
@@ -121,8 +122,8 @@ def knn_accuracy(features: Callable[[torch.Tensor], torch.Tensor], train_batches
     """Top-1 / top-5 of the k-NN classifier on the validation split, the training split as memory."""
     bank, bank_labels, _ = extract_features(features, train_batches, device=device, normalize=normalize,
                                             accelerator=accelerator)
-    results = evaluate(lambda x: knn_predict(bank, bank_labels, features(x), num_classes=num_classes, k=k,
-                                             temperature=temperature),
+    results = evaluate(lambda batch: knn_predict(bank, bank_labels, features(batch["images"]), num_classes=num_classes,
+                                                 k=k, temperature=temperature),
                        val_batches, device=device, normalize=normalize, accelerator=accelerator)[0]
     return {**results, "k": k, "temperature": temperature, "num_train_samples": int(bank.shape[0])}
 
@@ -148,58 +149,41 @@ def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int) -> dict
 
 
 class Evaluator:
-    """What the training loop measures for its task, the same way on 1 or N processes:
-    classification tasks: top-1 / top-5 on data.val (the linear probe: one result per head of its
-    lr sweep, reporting the best); other tasks: the k-NN monitor of the encoder's features, when
-    eval.knn_every is set. Calling it returns flat metrics, prefixed by what they measure."""
+    """What the training loop measures for its task (the task's `evaluation`), the same way on 1 or
+    N processes: "top-k": its predict() on data.val (or the task's own validation batches), summarised
+    by the task (a linear probe's sweep reports its best head), and the EMA weights' too; "knn": the
+    k-NN monitor of the encoder's features. Calling it returns flat metrics, prefixed by what they
+    measure (`knn_` for the monitor)."""
 
-    def __init__(self, cfg, task, accelerator, normalize, num_classes: int, cached=None):
+    def __init__(self, cfg, task, accelerator, normalize, num_classes: int):
         self.cfg, self.task, self.accelerator, self.normalize = cfg, task, accelerator, normalize
-        self.num_classes, self.cached = num_classes, cached  # cached: (val features, val labels)
-        self.classification = hasattr(task, "predict")
+        self.num_classes = num_classes
         self.batch_size = cfg.eval.batch_size or cfg.data.batch_size
 
-    def _loader(self, split: str):
+    def accuracy(self, module=None) -> list[dict]:
         from .data import build_eval_loader
 
-        return build_eval_loader(self.cfg, split, rank=self.accelerator.process_index,
-                                 world_size=self.accelerator.num_processes, batch_size=self.batch_size)
-
-    def accuracy(self, module=None) -> list[dict]:
         module = module or self.task
-        device = self.accelerator.device
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        batches = module.validation_batches(rank, world, self.batch_size)
+        normalize = None
+        if batches is None:
+            batches = build_eval_loader(self.cfg, "val", rank=rank, world_size=world, batch_size=self.batch_size)
+            normalize = self.normalize
         was_training = module.training
         module.eval()
         try:
             with self.accelerator.autocast():
-                if self.cached is not None:
-                    from .data.features import split_for_rank
-
-                    batches = split_for_rank(*self.cached, rank=self.accelerator.process_index,
-                                             world_size=self.accelerator.num_processes, batch_size=self.batch_size)
-                    return evaluate(lambda f: module.predict(f, from_features=True), batches, device=device,
-                                    accelerator=self.accelerator, input_key="features")
-                return evaluate(module.predict, self._loader("val"), device=device, normalize=self.normalize,
+                return evaluate(module.predict, batches, device=self.accelerator.device, normalize=normalize,
                                 accelerator=self.accelerator)
         finally:
             module.train(was_training)
 
-    def knn(self) -> dict:
-        return knn_evaluate(self.task.encoder, self.cfg, self.accelerator, self.normalize, self.num_classes)
-
     def __call__(self, ema_module=None) -> dict:
-        if not self.classification:
-            return {f"knn_{k}": v for k, v in self.knn().items()}
-        results = self.accuracy()
-        best = max(range(len(results)), key=lambda i: results[i]["top1"])
-        metrics = dict(results[best])
-        scales = getattr(self.task, "lr_scales", None)
-        if scales is not None and len(results) > 1:
-            self.task.best_head = best
-            metrics["best_lr_scale"] = scales[best]
-            metrics["heads"] = [{"lr_scale": s, **r} for s, r in zip(scales, results)]
-        elif scales is not None:
-            self.task.best_head = 0
+        if self.task.evaluation == "knn":
+            metrics = knn_evaluate(self.task.encoder, self.cfg, self.accelerator, self.normalize, self.num_classes)
+            return {f"knn_{k}": v for k, v in metrics.items()}
+        metrics = self.task.summarize(self.accuracy())
         if ema_module is not None:
             metrics.update({f"ema_{k}": v for k, v in self.accuracy(ema_module)[0].items()})
         return metrics

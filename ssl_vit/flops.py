@@ -6,15 +6,12 @@ encoder on 25% of the patches).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
-                   "V100": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "A6000": 155.0, "T4": 65.0}
 
 
 def training_flops_per_image(step: Callable[[], torch.Tensor], batch_size: int) -> float:
@@ -25,27 +22,37 @@ def training_flops_per_image(step: Callable[[], torch.Tensor], batch_size: int) 
     return counter.get_total_flops() / batch_size
 
 
-def gpu_peak_tflops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_TFLOPS.items() if key in name), None)
-
-
-def measured_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
-    """FLOP/s of large square matrix multiplies on this device and dtype: the practical ceiling a
-    training step's FLOP/s is compared with on hardware without a data-sheet figure."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        runs += 1
-    _sync(device)
+def measured_matmul_peak(device: torch.device, autocast_dtype: Optional[torch.dtype], size: int = 2048,
+                         seconds: float = 2.0) -> float:
+    """FLOP/s of large square matrix multiplies run the way a training step runs its own: fp32
+    tensors under autocast to `autocast_dtype` (None: plain fp32). The practical ceiling a step's
+    FLOP/s is compared with on hardware without a data-sheet figure. Measuring in the precision the
+    step runs in matters: on a CPU without native bf16 (AVX2 only), a bf16 product of bf16 tensors
+    is emulated many times slower than what autocast's linear layers really run, and dividing by it
+    claimed 8x the peak."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        for _ in range(3):
+            a @ b
+        _sync(device)
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            runs += 1
+        _sync(device)
     return 2 * size ** 3 * runs / (time.perf_counter() - start)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a GPU that says so, or a CPU with AVX512-BF16 or
+    AMX (as torch reports them); elsewhere bf16 is emulated, far slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def _sync(device: torch.device) -> None:

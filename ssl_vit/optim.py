@@ -15,9 +15,6 @@ import torch
 import torch.nn as nn
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
-# Parameters that are never decayed besides biases and norms (1-D): tokens and position tables.
-NO_DECAY_NAMES = ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed", "decoder_pos_embed")
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -44,30 +41,33 @@ def base_lr(optim_cfg) -> float:
     return float(optim_cfg.blr) * optim_cfg.batch_size / optim_cfg.lr_base_batch
 
 
-def no_decay_names(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in NO_DECAY_NAMES]
-
-
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """timm's groups: no decay for 1-D parameters (biases, norms) and tokens / position tables;
-    with `layer_decay`, one group per block with lr_scale = layer_decay ** (depth - layer), read
-    from the model's `group_matcher` (a task wrapping the encoder provides its own)."""
-    skip = no_decay_names(model)
+def param_groups(encoder: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """timm's groups of an encoder: no weight decay for 1-D parameters (biases, norms) and the names
+    its `no_weight_decay()` gives (tokens, position tables, relative position biases); with
+    `layer_decay`, one group per layer of its `group_matcher`, lr_scale = layer_decay ** (layers - layer)."""
+    skip = sorted(encoder.no_weight_decay()) if hasattr(encoder, "no_weight_decay") else []
     if layer_decay is not None:
-        if not hasattr(model, "group_matcher"):
-            raise ValueError(f"layer decay needs {type(model).__name__}.group_matcher(); without it every "
+        if not hasattr(encoder, "group_matcher"):
+            raise ValueError(f"layer decay needs {type(encoder).__name__}.group_matcher(); without it every "
                              "parameter would silently get lr_scale 1.0")
-        return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
-                                        layer_decay=layer_decay)
-    groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(optim_cfg, model: nn.Module) -> torch.optim.Optimizer:
-    if hasattr(model, "param_groups"):  # a task that knows its own groups (the linear probe's lr sweep)
-        groups = model.param_groups(optim_cfg.weight_decay)
+        groups = param_groups_layer_decay(encoder, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=layer_decay)
     else:
-        groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay)
+        groups = param_groups_weight_decay(encoder, weight_decay=weight_decay, no_weight_decay_list=skip)
+    return [{"lr_scale": 1.0, **g} for g in groups if g["params"]]
+
+
+def own_param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, no_decay: set[str]) -> list[dict]:
+    """A task's own parameters (heads, decoders), at the full lr: weight decay except for 1-D ones and `no_decay`."""
+    decay = [p for n, p in named if p.ndim > 1 and n not in no_decay]
+    keep = [p for n, p in named if p.ndim <= 1 or n in no_decay]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+                        {"params": keep, "weight_decay": 0.0, "lr_scale": 1.0}) if g["params"]]
+
+
+def build_optimizer(optim_cfg, task: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of a task's parameter groups (`Task.param_groups`)."""
+    groups = task.param_groups(optim_cfg.weight_decay, optim_cfg.layer_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     lr = base_lr(optim_cfg)
@@ -75,7 +75,7 @@ def build_optimizer(optim_cfg, model: nn.Module) -> torch.optim.Optimizer:
         # MAE's linear probe (A.3): LARS adapting every >= 2-D parameter (always_adapt), no decay
         return Lars(groups, lr=lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay,
                     trust_clip=False, always_adapt=True)
-    fused = _fused_supported(model)
+    fused = _fused_supported([p for g in groups for p in g["params"]])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay,
                              fused=fused or None)
 
@@ -85,10 +85,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def _fused_supported(model: nn.Module) -> bool:
+def _fused_supported(params: list[nn.Parameter]) -> bool:
     """The fused AdamW kernel (one kernel for all tensors): CUDA, and CPU in recent torch, float
     parameters. Measured 4x faster than the loop implementation on this CPU for 20M parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
     if not params or not all(p.is_floating_point() for p in params):
         return False
     device = params[0].device.type

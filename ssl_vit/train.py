@@ -9,7 +9,7 @@
               lr = schedule(step), update, log, picture, checkpoint, stop on SIGTERM/SIGUSR1
            -> exports: backbone.safetensors (timm keys) and model.safetensors, each with a JSON
 
-The loop knows nothing about MAE or DeiT: a task's forward(batch) returns `.loss` and `.metrics`.
+The loop knows nothing about MAE or DeiT: it calls the task contract (ssl_vit/tasks/base.py).
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from typing import Optional
 from . import config
 from .config import ConfigError
 from .run_state import Checkpoints, Preemption, TrainState
+
+PICTURE_IMAGES = 8  # images TensorBoard shows, the same ones every time
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,10 @@ class Trainer:
         from accelerate import Accelerator, PartialState
         from accelerate.utils import ProjectConfiguration, set_seed
 
-        from .data import DeviceNormalize, num_classes, samples_per_epoch, shard_source
+        from .data import DeviceNormalize, build_train_loader, num_classes, samples_per_epoch, shard_source
         from .evaluate import Evaluator
         from .optim import Schedule, build_optimizer
-        from .tasks import CLASSIFICATION_TASKS, build
+        from .tasks import RunContext, task_class
 
         self.cfg = cfg
         self.output_dir = Path(cfg.train.output_dir)
@@ -89,9 +91,9 @@ class Trainer:
         cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         state = PartialState(cpu=cpu)
         source = shard_source(cfg, "train")
-        labelled = cfg.task.name in CLASSIFICATION_TASKS or cfg.eval.knn_every > 0
+        kind = task_class(cfg.task.name)
         self.plan = make_plan(cfg, state.num_processes, samples_per_epoch(cfg, source),
-                              num_classes(cfg, source) if labelled else 0)
+                              num_classes(cfg, source) if kind.uses_labels(cfg) else 0)
         self.accelerator = Accelerator(
             cpu=cpu,
             mixed_precision=mixed_precision(cfg.train.precision), gradient_accumulation_steps=self.plan.accumulation,
@@ -101,10 +103,9 @@ class Trainer:
         accelerator = self.accelerator
         set_seed(cfg.train.seed, device_specific=True)  # MAE masks differ per rank; DDP syncs the init
 
-        self.task = build(cfg, self.plan.num_classes)
+        self.task = kind.build(cfg, self.plan.num_classes)
         self.encoder = self.task.encoder
-        if getattr(self.task, "teacher", None) is not None and accelerator.is_main_process:
-            print(f"teacher: {self.task.teacher.describe()}", flush=True)
+        self._print(self.task.describe())
         if cfg.init and cfg.init != "random":
             from .checkpoint import load_weights
 
@@ -114,7 +115,13 @@ class Trainer:
         self.task.to(accelerator.device)
         self.normalize = DeviceNormalize(cfg.data.mean, cfg.data.std, cfg.data.random_erasing,
                                          accelerator.device).to(accelerator.device)
-        self.data, cached_val = self._build_data(source)
+        run = RunContext(cfg=cfg, accelerator=accelerator, plan=self.plan, normalize=self.normalize, source=source,
+                         print=self._print)
+        self.data = self.task.training_data(run)  # data of the task's own making (cached features), or shards
+        if self.data is None:
+            self.data = build_train_loader(cfg, batches_per_epoch=self.plan.steps_per_epoch * self.plan.accumulation,
+                                           rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                           source=source)
         self.optimizer = build_optimizer(cfg.optim, self.task)
         model = torch.compile(self.task) if cfg.train.compile else self.task
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
@@ -124,8 +131,8 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.task, decay=cfg.train.ema_decay)
-        self.evaluator = Evaluator(cfg, self.task, accelerator, self.normalize, self.plan.num_classes,
-                                   cached=cached_val) if labelled else None
+        evaluates = "val" in kind.required_splits(cfg)
+        self.evaluator = Evaluator(cfg, self.task, accelerator, self.normalize, self.plan.num_classes) if evaluates else None
         self.state = TrainState(world_size=accelerator.num_processes)
         self.checkpoints = Checkpoints(accelerator, self.output_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.preemption = Preemption(self.output_dir / "STOP", watch_file=accelerator.is_main_process)
@@ -133,52 +140,18 @@ class Trainer:
         self.log_file = self.output_dir / "log.jsonl"
         self.pictures_batch = None
 
-    def _build_data(self, source):
-        """Shards through the augmenting loader, or, for a linear probe without augmentation, the
-        frozen encoder's features extracted once (each sample once over all ranks)."""
-        import torch
-
-        from .data import build_eval_loader, build_train_loader
-        from .data.features import FeatureData
-        from .data.stream import in_fraction
-        from .evaluate import extract_features
-
-        cfg, accelerator, plan = self.cfg, self.accelerator, self.plan
-        if not (cfg.task.name == "linear_probe" and cfg.data.train_transform == "eval"):
-            data = build_train_loader(cfg, batches_per_epoch=plan.steps_per_epoch * plan.accumulation,
-                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                      source=source)
-            return data, None
-        cached = {}
-        self.task.eval()
-        for split in ("train", "val"):
-            loader = build_eval_loader(cfg, split, rank=accelerator.process_index,
-                                       world_size=accelerator.num_processes,
-                                       batch_size=cfg.eval.batch_size or cfg.data.batch_size)
-            with accelerator.autocast():
-                feats, labels, keys = extract_features(self.task.features, loader, device=accelerator.device,
-                                                       normalize=self.normalize, accelerator=accelerator)
-            if split == "train" and cfg.data.train_fraction < 1:
-                keep = torch.tensor([in_fraction(k, cfg.data.train_fraction) for k in keys], device=labels.device)
-                feats, labels = feats[keep], labels[keep]
-            cached[split] = (feats, labels)
-            self._print(f"cached the {split} features of {len(labels)} samples")
-        self.task.train()
-        data = FeatureData(*cached["train"], per_device_batch=plan.per_device_batch,
-                           accumulation=plan.accumulation, world_size=accelerator.num_processes,
-                           rank=accelerator.process_index, steps_per_epoch=plan.steps_per_epoch,
-                           seed=cfg.train.seed)
-        return data, cached["val"]
-
     # ---------------------------------------------------------------------------------------
 
     def run(self) -> int:
         accelerator, plan = self.accelerator, self.plan
-        self._resume_or_start()
+        resumed = self._resume()
         if self.state.step >= plan.stop_step:
+            # a finished run is left as it is (its exports, metrics and logs); only missing exports are written
             self._print(f"nothing to do: the run in {self.output_dir} is at step {self.state.step} of {plan.stop_step}")
-            self._export()
+            if not (self.output_dir / "model.safetensors").is_file():
+                self._export()
             return 0
+        self._write_run_files(resumed)
         progress = self._progress_bar()
         window = _Window()
         epoch = self.state.step // plan.steps_per_epoch
@@ -220,7 +193,7 @@ class Trainer:
         if self.evaluator is None or self.state.step >= self.plan.stop_step:
             return
         every_epochs, knn_every = self.cfg.eval.every_epochs, self.cfg.eval.knn_every
-        if self.evaluator.classification:
+        if self.task.evaluation == "top-k":
             epochs_done, into_epoch = divmod(self.state.step, self.plan.steps_per_epoch)
             if every_epochs and into_epoch == 0 and epochs_done % every_epochs == 0:
                 self._evaluate()
@@ -237,7 +210,7 @@ class Trainer:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith(("top1", "top5")))
         self._print(f"step {self.state.step}: {shown} on {metrics.get('num_samples', metrics.get('knn_num_samples'))} "
                     "validation samples")
-        if "top1" in metrics and metrics["top1"] > self.state.best.get("top1", -1.0):
+        if self.task.evaluation == "top-k" and metrics["top1"] > self.state.best.get("top1", -1.0):
             self.state.best = {**{k: v for k, v in metrics.items() if k != "heads"}, "step": self.state.step,
                                "epoch": self.state.step / self.plan.steps_per_epoch}
             self._export(best=True)
@@ -246,18 +219,9 @@ class Trainer:
     def _write_metrics(self, final: Optional[dict]) -> None:
         if final is None or not self.accelerator.is_main_process:
             return
-        metrics = {"recipe": self.cfg.recipe, "task": self.cfg.task.name, "init": self.cfg.init,
-                   "step": self.state.step, **final}
-        if "top1" in final:
-            metrics["best"] = self.state.best
-        path = self.output_dir / "metrics.json"
-        path.write_text(json.dumps(metrics, indent=1) + "\n")
-        prefix = "" if "top1" in final else "knn_"
-        what = "" if "top1" in final else "k-NN "
-        best = (f" (best {self.state.best['top1']:.2f}% at step {self.state.best['step']})"
-                if "top1" in final and self.state.best.get("step") != self.state.step else "")
-        print(f"final: {what}top-1 {final[prefix + 'top1']:.2f}%, top-5 {final[prefix + 'top5']:.2f}% on "
-              f"{final[prefix + 'num_samples']} validation samples{best}; {path}")
+        from .outputs import write_metrics
+
+        print(write_metrics(self.output_dir, self.cfg, self.task.evaluation, self.state.step, final, self.state.best))
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over `accumulation` micro-batches (or fewer at a data shortfall)."""
@@ -286,7 +250,7 @@ class Trainer:
                     continue
                 accelerator.backward(loss)
             loss_sum += loss.detach().float().item()
-            for name, value in getattr(output, "metrics", {}).items():
+            for name, value in output.metrics.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value) / len(micro_batches)
         return loss_sum, nonfinite, metrics
 
@@ -352,12 +316,12 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         self.checkpoints.save(self.state, ema=self.ema)
 
-    def _resume_or_start(self) -> None:
+    def _resume(self) -> bool:
         path = self.checkpoints.find(str(self.cfg.resume))
         if path is not None:
             self.state, note = self.checkpoints.load(path, ema=self.ema)
             self._print(f"resumed from {path} at step {self.state.step}{note}")
-        self._write_run_files(resumed=path is not None)
+        return path is not None
 
     def _write_run_files(self, resumed: bool) -> None:
         if not self.accelerator.is_main_process:
@@ -392,21 +356,27 @@ class Trainer:
                              step=self.state.samples_seen)
 
     def _log_pictures(self, micro: dict) -> None:
-        """The same few images every time, to watch them improve: an MAE's reconstructions, a
-        classifier's attention maps (ssl_vit/viz.py decides what a task shows)."""
-        from . import viz
-
+        """The same few images every time, to watch them improve: what the task draws of them (an
+        MAE's reconstructions of its first training images, a classifier's attention maps of the
+        first validation images)."""
         if not self.accelerator.is_main_process or not self.cfg.log.tensorboard:
             return
         if self.pictures_batch is None:
-            self.pictures_batch = viz.picture_images(self.cfg, self.task, micro)
-            if self.pictures_batch is None:  # nothing to watch for this task
+            split = self.task.picture_split()
+            if split is None:  # nothing to watch (a frozen encoder, an encoder without maps)
                 return
+            if split == "train":
+                self.pictures_batch = micro["images"][:PICTURE_IMAGES].clone()
+            else:
+                from .data import build_eval_loader
+
+                batch = next(iter(build_eval_loader(self.cfg, split, batch_size=PICTURE_IMAGES)))
+                self.pictures_batch = batch["images"][:PICTURE_IMAGES].clone()
         images = self.normalize(self.pictures_batch.to(self.accelerator.device))
         was_training = self.task.training
         self.task.eval()
         with self.accelerator.autocast():
-            pictures = viz.training_pictures(self.task, images, self.normalize.denormalize)
+            pictures = self.task.pictures(images, self.normalize.denormalize)
         self.task.train(was_training)
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
         for tag, grid in pictures.items():
@@ -420,21 +390,11 @@ class Trainer:
 
     def _export(self, best: bool = False) -> None:
         """backbone.safetensors and model.safetensors (each with its JSON), or model_best.safetensors."""
-        from .checkpoint import export_backbone, export_model
-        from .models.vit import VisionTransformer
+        from .outputs import export_run
 
-        if not self.accelerator.is_main_process:
-            return
-        data = {k: config.OmegaConf.to_container(self.cfg.data)[k] for k in ("mean", "std", "crop_pct")}
-        extra = {"recipe": self.cfg.recipe, "task": config.OmegaConf.to_container(self.cfg.task), "data": data,
-                 "step": self.state.step, "samples_seen": self.state.samples_seen}
-        # self.task is the module itself, under any DDP / torch.compile wrapper
-        if best:
-            export_model(self.task, self.output_dir / "model_best.safetensors", extra={**extra, "best": self.state.best})
-            return
-        if isinstance(self.encoder, VisionTransformer):  # (not for a timm model trained with model.arch=timm:NAME)
-            export_backbone(self.encoder, self.output_dir / "backbone.safetensors", extra=extra)
-        export_model(self.task, self.output_dir / "model.safetensors", extra=extra)
+        if self.accelerator.is_main_process:
+            export_run(self.task, self.output_dir, self.cfg, self.state.step, self.state.samples_seen,
+                       best=self.state.best if best else None)
 
 
 class _Window:

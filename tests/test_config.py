@@ -77,6 +77,14 @@ def test_missing_training_data_is_explained_only_when_running():
         config.check_data(cfg)
 
 
+def test_yaml_boolean_words_stay_words_on_the_command_line(tmp_path):
+    assert config.load(["recipe=mae_base", "train.precision=no"]).train.precision == "no"
+    assert config.load(["recipe=mae_base", "train.compile=yes"]).train.compile is True
+    (tmp_path / "r.yaml").write_text("base: mae_base\ntrain:\n  precision: no\n")
+    with pytest.raises(ConfigError, match=r"train.precision='False' is not one of.*write precision: 'no'"):
+        config.load([f"recipe={tmp_path / 'r.yaml'}"])
+
+
 def test_brace_patterns_and_pipes_stay_strings():
     cfg = config.load(["recipe=mae_base", "data.train={000000..000009}.tar",
                        "data.val=pipe:curl -s http://host/x-{0..3}.tar"])

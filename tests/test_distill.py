@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 import torch.nn as nn
 
 from conftest import TINY_VIT, run_command
@@ -15,7 +16,7 @@ from ssl_vit import config, create_encoder, load_weights
 from ssl_vit.config import ConfigError
 from ssl_vit.optim import build_optimizer
 from ssl_vit.tasks import Distill, Teacher, build, build_teacher
-from ssl_vit.tasks.distill import hard_distillation_loss, soft_distillation_loss
+from ssl_vit.tasks.distill import TeacherConfig, hard_distillation_loss, soft_distillation_loss
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 C = 5
@@ -127,11 +128,11 @@ def test_inference_averages_the_two_heads_or_takes_one():
     task.eval()
     with torch.no_grad():
         cls_logits, dist_logits = task.encoder.forward_heads(task.encoder.forward_features(images))
-        assert torch.allclose(task.predict(images), (cls_logits + dist_logits) / 2, atol=1e-6)
+        assert torch.allclose(task.predict({"images": images}), (cls_logits + dist_logits) / 2, atol=1e-6)
         task.eval_head = "cls"
-        assert torch.allclose(task.predict(images), cls_logits)
+        assert torch.allclose(task.predict({"images": images}), cls_logits)
         task.eval_head = "dist"
-        assert torch.allclose(task.predict(images), dist_logits)
+        assert torch.allclose(task.predict({"images": images}), dist_logits)
 
 
 def test_timm_deit_distilled_weights_give_timms_logits_through_the_task():
@@ -142,7 +143,7 @@ def test_timm_deit_distilled_weights_give_timms_logits_through_the_task():
     task.eval()
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        assert torch.allclose(task.predict(images), deit(images), atol=1e-5)
+        assert torch.allclose(task.predict({"images": images}), deit(images), atol=1e-5)
 
 
 def test_teacher_sees_its_own_normalisation_and_size():
@@ -165,12 +166,13 @@ def test_teacher_sees_its_own_normalisation_and_size():
 
 
 def _teacher_cfg(**kwargs):
-    return config.OmegaConf.merge(config.OmegaConf.structured(config.TeacherConfig), kwargs)
+    return config.OmegaConf.merge(config.OmegaConf.structured(TeacherConfig), kwargs)
 
 
 def test_teachers_load_from_our_exports_and_from_state_dicts(tmp_path):
     from ssl_vit.checkpoint import export_model
-    from ssl_vit.tasks import Classify, build_encoder
+    from ssl_vit.models import build_encoder
+    from ssl_vit.tasks import Classify
 
     cfg = config.load(["recipe=supervised_resnet_digits", "model.num_classes=10"])
     resnet = Classify(build_encoder(cfg.model, num_classes=10))
@@ -208,7 +210,8 @@ def test_distillation_config_errors():
         config.load(["recipe=deit_tiny_distilled_digits", "model.dist_token=false"])
     with pytest.raises(ConfigError, match="task.distillation="):
         config.load(["recipe=deit_tiny_distilled_digits", "task.distillation=medium"])
-    with pytest.raises(ConfigError, match="timm models train with task.name=classify"):
+    with pytest.raises(ConfigError, match="task.name=mae needs the encoder's visible forward, which "
+                                          "model.arch=timm:resnet18 .timm encoders. does not have"):
         config.load(["recipe=mae_tiny_digits", "model.arch=timm:resnet18"])
     with pytest.raises(ConfigError, match="task.teacher.weights"):
         build(config.load(["recipe=deit_tiny_distilled_digits"]), num_classes=10)
@@ -240,8 +243,14 @@ def test_supervised_timm_model_trains_and_exports_for_timm(resnet_teacher):
     assert m["task"] == "classify" and m["num_samples"] == 360 and {"top1", "top5", "best"} <= set(m)
     description = json.loads((resnet_teacher / "model.json").read_text())
     model = eval(description["load_with_timm"], {"timm": timm}).eval()  # timm loads our export as it is
-    assert not (resnet_teacher / "backbone.safetensors").exists()  # a convnet has no ViT backbone to export
     assert description["encoder"]["arch"] == "timm:resnet18" and model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    # the backbone (any encoder family): the convnet without its classifier `fc`, timm's pooled features
+    backbone = json.loads((resnet_teacher / "backbone.json").read_text())
+    features = eval(backbone["load_with_timm"], {"timm": timm}).eval()
+    assert not any(k.startswith("fc.") for k in load_file(resnet_teacher / "backbone.safetensors"))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(features(images), model.forward_head(model.forward_features(images), pre_logits=True))
 
 
 def test_deit_distilled_digits_trains_resumes_and_exports_for_timm(tmp_path, env, resnet_teacher):

@@ -68,10 +68,39 @@ def test_linear_probe_with_cached_features(tmp_path, env, backbone):
 def test_linear_probe_of_a_random_encoder_with_augmentation(tmp_path, env):
     """init=random is the baseline; data.train_transform=rrc runs the encoder at every step."""
     out = tmp_path / "probe"
-    run([*tool("linear_probe"), "recipe=linprobe_digits", "init=random", f"train.output_dir={out}",
-         "train.max_steps=3", "data.train_transform=rrc", "data.batch_size=64", "optim.batch_size=128"], env)
+    result = run([*tool("linear_probe"), "recipe=linprobe_digits", "init=random", f"train.output_dir={out}",
+                  "train.max_steps=3", "data.train_transform=rrc", "data.batch_size=64", "optim.batch_size=128"], env)
     m = metrics(out)
     assert m["num_samples"] == 360 and m["init"] == "random" and 0 <= m["top1"] <= 100
+    assert "cached the train features" not in result.stdout and "runs at every step" in result.stdout
+
+
+PROBE_PATHS = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from ssl_vit import config
+from ssl_vit.train import Trainer, _chunks
+cfg = config.load(["recipe=linprobe_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                   "model.patch_size=8", "data.num_workers=0", "data.train_transform={transform}",
+                   "train.output_dir={out}"])
+trainer = Trainer(cfg)
+calls = [0]
+trainer.encoder.blocks[0].register_forward_hook(lambda m, i, o: calls.__setitem__(0, calls[0] + 1))
+micro = next(iter(_chunks(trainer.data.epoch(0), trainer.plan.accumulation)))
+trainer.train_step(micro)
+print(json.dumps(dict(data=type(trainer.data).__name__, keys=sorted(micro[0]), encoder_calls=calls[0])))
+"""
+
+
+@pytest.mark.parametrize("transform, data, key, runs_encoder", [
+    ("rrc", "TrainData", "images", True), ("eval", "FeatureData", "features", False)])
+def test_linear_probe_caches_features_only_without_augmentation(tmp_path, env, transform, data, key, runs_encoder):
+    """Augmented: shards through the loader, the frozen encoder runs in every step; not augmented:
+    the step trains the heads on cached features, the encoder does not run."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE_PATHS.format(root=str(ROOT), transform=transform, out=tmp_path / "run"))
+    seen = json.loads(run([sys.executable, str(script)], env).stdout.strip().splitlines()[-1])
+    assert seen["data"] == data and key in seen["keys"] and (seen["encoder_calls"] > 0) == runs_encoder
 
 
 def test_finetune_evaluates_keeps_the_best_and_exports_for_timm(tmp_path, env, backbone):

@@ -10,11 +10,11 @@ from PIL import Image
 
 from conftest import ROOT, TINY_VIT
 from conftest import run_command as run
-from ssl_vit import config, create_encoder, viz
-from ssl_vit.attention import AttentionRecorder, attention_rollout, class_token_attention, recompute_attention
+from ssl_vit import config, create_encoder, pictures as viz
+from ssl_vit.models.vit_attention import AttentionRecorder, attention_rollout, class_token_attention, recompute_attention
 from ssl_vit.tasks import MAE
 from ssl_vit.data import DeviceNormalize
-from ssl_vit.visualize import VisualizeConfig, load_images, visualize
+from ssl_vit.visualize_command import VisualizeConfig, load_images, visualize
 
 IMG, PATCH = 32, 8
 TINY = dict(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2)
@@ -208,7 +208,7 @@ def official_checkpoint(tmp_path, name, args=True, **encoder):
     torch.manual_seed(0)
     model = MAE(create_encoder("vit_tiny_patch16", img_size=IMG, patch_size=PATCH, **encoder), decoder_dim=32,
                 decoder_depth=1, decoder_heads=16, norm_pix_loss=False).eval()
-    state, _ = model.export_state()
+    state = model.export_state().state
     path = tmp_path / name
     checkpoint = {"model": state}
     if args:  # what main_pretrain.py saves beside the weights

@@ -8,7 +8,8 @@
     python tools/benchmark.py mae    [--arch vit_base_patch16] [--batch 8] [--precision bf16]
         images/s of a full MAE training step on one process, its FLOPs per image (counted by
         torch.utils.flop_counter), the achieved FLOP/s as a fraction of a matrix-multiply peak
-        measured in the same run, for several ways of executing the same step; and the same
+        measured in the same run and the same precision (fp32 tensors under the step's autocast),
+        for several ways of executing the same step; and the same
         step with masking off (all tokens through the encoder) to show MAE's speed-up.
 """
 from __future__ import annotations
@@ -245,11 +246,12 @@ def bench_mae(args) -> dict:
 
     import torch
 
-    from ssl_vit.flops import measured_matmul_peak
+    from ssl_vit.flops import measured_matmul_peak, native_bf16
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.precision]
     torch.set_num_threads(os.cpu_count() or 1)
-    peak = measured_matmul_peak(torch.device("cpu"), dtype)
+    peak = measured_matmul_peak(torch.device("cpu"), autocast_dtype)  # as the step runs its products
+    native = native_bf16(torch.device("cpu"))
     variants = ["eager"] + [v for v in args.variants if v != "eager"]
     runs = [(name, args.mask_ratio) for name in variants] + [("eager", 0.0)]
     results = {}
@@ -265,7 +267,9 @@ def bench_mae(args) -> dict:
     best = max((k for k in results if "no masking" not in k), key=lambda k: results[k]["img_s"])
     print(f"\nMAE training step (forward + backward + fused AdamW), {args.arch}, batch {args.batch}, "
           f"{args.precision} autocast, one process on {os.cpu_count()} CPU cores; median of {args.steps} steps")
-    print(f"matrix-multiply peak measured here ({args.precision}, 2048x2048): {peak / 1e9:.0f} GFLOP/s\n")
+    how = f"fp32 tensors under {args.precision} autocast, as the step" if autocast_dtype else "fp32, as the step"
+    print(f"matrix-multiply peak measured here (2048x2048 products of {how}): {peak / 1e9:.0f} GFLOP/s; "
+          f"this CPU {'has' if native else 'has no'} native bf16 (AVX512-BF16 or AMX)\n")
     print("| variant | s/step | images/s | GFLOP/image | GFLOP/s | of matmul peak | vs eager |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for key, r in results.items():
@@ -276,8 +280,8 @@ def bench_mae(args) -> dict:
     print(f"\nmasking {args.mask_ratio:.0%} of the patches makes the step {speedup:.2f}x faster")
     for name in variants:
         print(f"- {name}: {MAE_VARIANTS[name]}")
-    figures = {"arch": args.arch, "batch": args.batch, "precision": args.precision,
-               "matmul_peak_flops": peak, "best_variant": best, "masking_speedup": speedup}
+    figures = {"arch": args.arch, "batch": args.batch, "precision": args.precision, "native_bf16": native,
+               "peak_measured_as": how, "matmul_peak_flops": peak, "best_variant": best, "masking_speedup": speedup}
     for key, r in results.items():
         slug = key.replace(", no masking", "_unmasked").replace("+", "_")
         figures.update({f"{slug}_img_s": r["img_s"], f"{slug}_step_s": r["step_s"],

@@ -1,3 +1,37 @@
-from .vit import ARCHS, VisionTransformer, create_encoder, sincos_2d_pos_embed
+"""Encoder families behind one contract (models/base.py), registered by name; `model.arch` picks one.
 
-__all__ = ["ARCHS", "VisionTransformer", "create_encoder", "sincos_2d_pos_embed"]
+    build_encoder(cfg.model, **overrides)   the encoder a recipe's `model:` section describes
+    create_encoder("vit_base_patch16", ...)  a named encoder, any option overridden
+    family_of(encoder)                       its family: weights fitting, exports, attention maps
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from . import timm_models, vit  # noqa: F401  (registers the built-in families)
+from .base import (CheckpointError, EncoderFamily, LoadReport, family_for_arch, family_of, register_family,
+                   registered_families)
+from .vit import ARCHS, VisionTransformer, sincos_2d_pos_embed
+
+__all__ = ["ARCHS", "CheckpointError", "EncoderFamily", "LoadReport", "VisionTransformer", "build_encoder",
+           "create_encoder", "family_for_arch", "family_of", "register_family", "registered_families",
+           "sincos_2d_pos_embed"]
+
+
+def create_encoder(name: str = "vit_base_patch16", **options: Any) -> nn.Module:
+    """A named encoder of any registered family, any of its options overridden.
+
+    >>> enc = create_encoder("vit_base_patch16", img_size=224, num_classes=1000)
+    >>> enc = create_encoder(**json.load(open("model.json"))["encoder"])  # an export's config (with "arch")
+    """
+    name = options.pop("arch", name)
+    return family_for_arch(name).create(name, **options)
+
+
+def build_encoder(model_cfg, **overrides: Any) -> nn.Module:
+    """The encoder a recipe's `model:` section describes (None values: the named size's)."""
+    options = {**OmegaConf.to_container(model_cfg, resolve=True), **overrides}
+    return create_encoder(options.pop("arch"), **{k: v for k, v in options.items() if v is not None})

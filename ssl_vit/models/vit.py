@@ -17,14 +17,18 @@ and our exports load in timm.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import HybridEmbed, LayerNorm, PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models import checkpoint_seq, named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
+
+from ..config import ConfigError, ModelConfig, check_choice
+from .base import EncoderFamily, LoadReport, register_family
 
 # Widths, depths and heads of the named sizes: ViT-B/L/H from Dosovitskiy et al. 2021, table 1;
 # ViT-Ti/S from DeiT (Touvron et al. 2021, table 1). All use an MLP ratio of 4.
@@ -37,24 +41,23 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-def create_encoder(name: str = "vit_base_patch16", **overrides: Any) -> "VisionTransformer":
-    """Build a named encoder; any constructor argument of `VisionTransformer` may be overridden.
-
-    >>> enc = create_encoder("vit_base_patch16", img_size=224, num_classes=1000)
-    >>> enc = create_encoder(**json.load(open("model.json"))["encoder"])  # an export's config (with "arch")
-    """
-    name = overrides.pop("arch", name)
-    if name not in ARCHS:
-        raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ARCHS)} "
-                         "(and override embed_dim/depth/num_heads/patch_size for custom sizes)")
-    unknown = set(overrides) - set(ENCODER_OPTIONS)
-    if unknown:
-        raise TypeError(f"create_encoder({name!r}) got unknown option(s) {sorted(unknown)}; "
-                        f"valid options: {', '.join(ENCODER_OPTIONS)}")
-    kwargs = {**ARCHS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    if kwargs.get("patch_embed") == "hybrid" and overrides.get("patch_size") is None:
-        kwargs["patch_size"] = 1  # one token per CNN feature-map cell, as the ViT paper's hybrids
-    return VisionTransformer(arch=name, **kwargs)
+@dataclass
+class ViTConfig(ModelConfig):
+    """The `model:` keys of our ViT (model.arch = one of ARCHS); None: the named size's value."""
+    patch_size: Optional[int] = None
+    embed_dim: Optional[int] = None       # set these for custom sizes
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    global_pool: str = "token"            # token | avg
+    fc_norm: Optional[bool] = None        # None: on for avg pooling
+    pos_embed: str = "sincos"             # learn | sincos; MAE's encoder uses fixed sin-cos (§3)
+    class_token: bool = True
+    dist_token: bool = False
+    layer_scale_init: Optional[float] = None
+    patch_embed: str = "conv"             # conv | hybrid
+    backbone: Optional[str] = None        # timm CNN of a hybrid, e.g. resnet26d
+    backbone_stride: int = 16
 
 
 def sincos_2d_pos_embed(embed_dim: int, grid_size: Sequence[int], num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -340,3 +343,89 @@ def _hybrid_backbone(name: str, stride: int, in_chans: int) -> nn.Module:
     index = probe.feature_info.out_indices[reductions.index(stride)]
     return timm.create_model(name, pretrained=False, features_only=True, out_indices=(index,),
                              in_chans=in_chans)
+
+
+# -------------------------------------------------------------------------------------------
+# the family: how recipes, checkpoints, exports and pictures reach this encoder
+
+
+@register_family
+class ViT(EncoderFamily):
+    """our timm-compatible ViT: MAE's visible-patch forward, DeiT's distillation token, hybrids."""
+    name = "vit"
+    Config = ViTConfig
+    archs = ARCHS
+    masked_forwards = frozenset({"visible"})
+    architecture_keys = ("arch", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                         "class_token", "layer_scale_init", "patch_embed", "backbone", "backbone_stride")
+
+    @classmethod
+    def claims(cls, arch: str) -> bool:
+        return arch in ARCHS or arch == "custom"  # "custom": a VisionTransformer built by hand
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        for key, options in (("model.global_pool", ("token", "avg")), ("model.pos_embed", ("learn", "sincos")),
+                             ("model.patch_embed", ("conv", "hybrid"))):
+            check_choice(cfg, key, options)
+        m = {**ARCHS[cfg.model.arch], **{k: v for k, v in cfg.model.items() if v is not None and k != "arch"}}
+        try:
+            _check_options(global_pool=m["global_pool"], pos_embed=m["pos_embed"], patch_embed=m["patch_embed"],
+                           class_token=m["class_token"], dist_token=m["dist_token"], backbone=m.get("backbone"),
+                           embed_dim=m["embed_dim"], num_heads=m["num_heads"])
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        stride = m["patch_size"] * (m["backbone_stride"] if m["patch_embed"] == "hybrid" else 1)
+        size = _pair(m["img_size"], "model.img_size")
+        if size[0] % stride or size[1] % stride:
+            fits = [max(stride, s // stride * stride) for s in size]
+            raise ConfigError(f"model.img_size={list(size) if size[0] != size[1] else size[0]} is not a multiple of "
+                              f"the {stride}-pixel patches (model.patch_size={m['patch_size']}"
+                              f"{', model.backbone_stride=' + str(m['backbone_stride']) if m['patch_embed'] == 'hybrid' else ''}): "
+                              f"use e.g. model.img_size={fits[0] if fits[0] == fits[1] else fits}")
+
+    @classmethod
+    def create(cls, arch: str = "vit_base_patch16", **options: Any) -> VisionTransformer:
+        """A named size; any constructor argument of `VisionTransformer` may be overridden."""
+        arch = options.pop("arch", arch)
+        if arch not in ARCHS:
+            raise ConfigError(f"unknown encoder {arch!r}; choose one of {', '.join(ARCHS)} "
+                              "(and override embed_dim/depth/num_heads/patch_size for custom sizes)")
+        unknown = set(options) - set(ENCODER_OPTIONS)
+        if unknown:
+            raise TypeError(f"create_encoder({arch!r}) got unknown option(s) {sorted(unknown)}; "
+                            f"valid options: {', '.join(ENCODER_OPTIONS)}")
+        kwargs = {**ARCHS[arch], **{k: v for k, v in options.items() if v is not None}}
+        if kwargs.get("patch_embed") == "hybrid" and options.get("patch_size") is None:
+            kwargs["patch_size"] = 1  # one token per CNN feature-map cell, as the ViT paper's hybrids
+        return VisionTransformer(arch=arch, **kwargs)
+
+    @classmethod
+    def fit_state_dict(cls, encoder: VisionTransformer, state: dict[str, torch.Tensor], metadata: Mapping[str, str],
+                       report: LoadReport) -> dict[str, torch.Tensor]:
+        from .vit_weights import fit_state_dict
+
+        return fit_state_dict(encoder, state, metadata, report)
+
+    @classmethod
+    def config_from_state(cls, state, num_heads: Optional[int] = None, recipe=None) -> dict[str, Any]:
+        from .vit_weights import config_from_state
+
+        return config_from_state(state, num_heads=num_heads, recipe=recipe)
+
+    @classmethod
+    def timm_equivalent(cls, config: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+        from .vit_weights import timm_equivalent
+
+        return timm_equivalent(config)
+
+    @classmethod
+    def draws_attention(cls, encoder: VisionTransformer) -> bool:
+        return encoder.cls_token is not None
+
+    @classmethod
+    def attention_maps(cls, encoder: VisionTransformer, images: torch.Tensor, *, layer: int = -1,
+                       heads: bool = True, rollout: bool = False) -> dict[str, torch.Tensor]:
+        from .vit_attention import attention_maps
+
+        return attention_maps(encoder, images, layer=layer, heads=heads, rollout=rollout)

@@ -20,7 +20,20 @@ from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from ..models.vit import VisionTransformer
+from ..config import ConfigError, TaskConfig
+from ..models import build_encoder
+from .base import Task, encoder_family, register_task
+
+
+@dataclass
+class ClassifyConfig(TaskConfig):
+    name: str = "classify"
+    label_smoothing: float = 0.0
+    mixup: float = 0.0                    # mixup alpha (timm's Mixup); 0 = off
+    cutmix: float = 0.0                   # cutmix alpha; 0 = off
+    mixup_prob: float = 1.0               # probability of mixing a batch
+    mixup_switch_prob: float = 0.5        # probability of cutmix instead of mixup when both are on
+    head_init_std: Optional[float] = 0.02  # trunc-normal std of a new classifier head (null: the encoder's own init)
 
 
 @dataclass
@@ -30,16 +43,38 @@ class ClassifyOutput:
     metrics: dict = field(default_factory=dict)
 
 
-class Classify(nn.Module):
+@register_task
+class Classify(Task):
+    """supervised classification: fine-tuning (MAE appendix A.2) and training from scratch (DeiT)."""
+    name = "classify"
+    Config = ClassifyConfig
+    needs_labels = True
+    evaluation = "top-k"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        task = cfg.task
+        if min(task.mixup, task.cutmix, task.label_smoothing) < 0:
+            raise ConfigError("task.mixup, task.cutmix and task.label_smoothing must be >= 0")
+        if not 0 <= task.mixup_prob <= 1 or not 0 <= task.mixup_switch_prob <= 1:
+            raise ConfigError("task.mixup_prob and task.mixup_switch_prob are probabilities in [0, 1]")
+
+    @classmethod
+    def build(cls, cfg, num_classes: int = 0) -> "Classify":
+        return cls(build_encoder(cfg.model, num_classes=num_classes), label_smoothing=cfg.task.label_smoothing,
+                   mixup=build_mixup(cfg.task, num_classes), head_init_std=cfg.task.head_init_std)
+
     def __init__(self, encoder: nn.Module, *, label_smoothing: float = 0.0, mixup: Optional[Mixup] = None,
                  head_init_std: Optional[float] = 0.02):
         super().__init__()
         if getattr(encoder, "num_classes", 0) <= 0:
             raise ValueError("a classification task needs an encoder with num_classes > 0")
         self.encoder, self.mixup = encoder, mixup
-        if head_init_std is not None and isinstance(encoder, VisionTransformer):  # timm models keep timm's init
-            # a new head: MAE fine-tuning uses std 2e-5 (main_finetune.py), DeiT timm's 0.02
-            for head in (encoder.head, encoder.head_dist):
+        if head_init_std is not None:
+            # a new head: MAE fine-tuning uses std 2e-5 (main_finetune.py), DeiT timm's 0.02; a
+            # classifier not named `head` (a timm convnet's `fc`) keeps timm's initialisation
+            for head in (getattr(encoder, "head", None), getattr(encoder, "head_dist", None)):
                 if isinstance(head, nn.Linear):
                     trunc_normal_(head.weight, std=head_init_std)
                     nn.init.zeros_(head.bias)
@@ -63,21 +98,19 @@ class Classify(nn.Module):
         return ClassifyOutput(loss=loss, logits=logits, metrics=metrics)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images)
+    def predict(self, batch: dict) -> torch.Tensor:
+        return self.encoder(batch["images"])
 
-    def export_state(self) -> tuple[dict, dict]:
-        """(state dict, encoder config) of model.safetensors: a timm ViT with its classifier, or the
-        timm model itself (model.arch=timm:NAME)."""
-        if isinstance(self.encoder, VisionTransformer):
-            return self.encoder.state_dict(), dict(self.encoder.config)
-        return self.encoder.state_dict(), dict(self.encoder.ssl_vit_config)
+    def picture_split(self) -> Optional[str]:
+        """The first validation images, to watch where the encoder looks as it learns (when its
+        family draws attention maps: a ViT with a class token)."""
+        return "val" if encoder_family(self).draws_attention(self.encoder) else None
 
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """The encoder's grouping under this module's `encoder.` prefix: without it, timm's
-        layer-wise lr decay would put every parameter in one group with lr_scale 1.0."""
-        return dict(stem=r"^encoder\.(?:cls_token|dist_token|pos_embed|patch_embed)",
-                    blocks=[(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))])
+    def pictures(self, images: torch.Tensor, denormalize) -> dict[str, torch.Tensor]:
+        from ..pictures import attention_grid
+
+        maps = encoder_family(self).attention_maps(self.encoder, images, rollout=True)
+        return {"attention": attention_grid(denormalize(images), maps)}
 
 
 def build_mixup(task_cfg, num_classes: int) -> Optional[Mixup]:

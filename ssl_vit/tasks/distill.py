@@ -18,15 +18,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 
-from ..models.vit import VisionTransformer
-from .classify import Classify
+from ..config import ConfigError, check_choice
+from ..models import build_encoder
+from .base import register_task
+from .classify import Classify, ClassifyConfig, build_mixup
+
+
+@dataclass
+class TeacherConfig:
+    """DeiT distillation's teacher (Touvron et al. 2021 §4): any timm model, built here and loaded
+    from a local file (never downloaded), frozen."""
+    arch: Optional[str] = None            # a timm name, e.g. regnety_160 (DeiT's), resnet18; "timm:" optional
+    weights: Optional[str] = None         # our model.safetensors, a timm or torchvision state dict (.pth)
+    img_size: Optional[int] = None        # None: our export's JSON, else timm's pretrained config (else the student's)
+    mean: Optional[List[float]] = None    # None: as img_size
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class DistillConfig(ClassifyConfig):
+    # DeiT distillation (Touvron et al. 2021 §5); defaults are DeiT's code: hard, alpha 0.5, tau 1
+    name: str = "distill"
+    distillation: str = "hard"            # none | soft | hard
+    distillation_alpha: float = 0.5       # weight of the distillation-token loss; 1 - alpha on the class token's
+    distillation_tau: float = 1.0         # soft: temperature
+    eval_head: str = "mean"               # evaluation: mean of both heads | cls | dist
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
 
@@ -67,9 +92,7 @@ class Teacher(nn.Module):
         self.eval()
 
     def describe(self) -> str:
-        name = getattr(self.model, "ssl_vit_config", None) or getattr(self.model, "config", {})
-        arch = name.get("arch") if isinstance(name, dict) else None
-        arch = arch or type(self.model).__name__
+        arch = getattr(self.model, "config", {}).get("arch") or type(self.model).__name__
         size = "x".join(map(str, self.img_size)) if self.img_size else "the student's size"
         norm = "the student's normalisation" if self.same_normalisation else (
             f"mean {[round(v, 3) for v in self.mean.flatten().tolist()]}, std {[round(v, 3) for v in self.std.flatten().tolist()]}")
@@ -88,11 +111,43 @@ class Teacher(nn.Module):
         return self.model(images)
 
 
+@register_task
 class Distill(Classify):
-    """Classification with DeiT's distillation token. The teacher is held outside the module tree:
-    not in `state_dict` (checkpoints, exports), the optimizer or DDP; `.to()` still moves it."""
+    """DeiT distillation: a distillation token taught by a frozen teacher (Touvron et al. 2021).
+    The teacher is held outside the module tree: not in `state_dict` (checkpoints, exports), the
+    optimizer or DDP; `.to()` still moves it."""
+    name = "distill"
+    Config = DistillConfig
 
-    def __init__(self, encoder: VisionTransformer, teacher: Optional[Teacher], *, distillation: str = "hard",
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        check_choice(cfg, "task.distillation", DISTILLATION_TYPES)
+        check_choice(cfg, "task.eval_head", ("mean", "cls", "dist"))
+        task = cfg.task
+        if not 0 <= task.distillation_alpha <= 1 or task.distillation_tau <= 0:
+            raise ConfigError(f"task.distillation_alpha={task.distillation_alpha} must be in [0, 1] and "
+                              f"task.distillation_tau={task.distillation_tau} positive")
+        if not cfg.model.get("dist_token", False):
+            raise ConfigError("task.name=distill needs model.dist_token=true (DeiT's distillation token)")
+
+    @classmethod
+    def build(cls, cfg, num_classes: int = 0) -> "Distill":
+        task = cfg.task
+        encoder = build_encoder(cfg.model, num_classes=num_classes)
+        teacher = None
+        if task.distillation != "none":
+            teacher = build_teacher(task.teacher, num_classes=num_classes, student_img_size=list(encoder.config["img_size"]),
+                                    student_mean=list(cfg.data.mean), student_std=list(cfg.data.std))
+        return cls(encoder, teacher, distillation=task.distillation, alpha=task.distillation_alpha,
+                   tau=task.distillation_tau, label_smoothing=task.label_smoothing, mixup=build_mixup(task, num_classes),
+                   head_init_std=task.head_init_std, eval_head=task.eval_head)
+
+    def describe(self) -> str:
+        text = super().describe()
+        return text + (f"\nteacher: {self.teacher.describe()}" if self.teacher is not None else "")
+
+    def __init__(self, encoder: nn.Module, teacher: Optional[Teacher], *, distillation: str = "hard",
                  alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.0, mixup: Optional[Mixup] = None,
                  head_init_std: Optional[float] = 0.02, eval_head: str = "mean"):
         if encoder.head_dist is None:
@@ -149,7 +204,8 @@ class Distill(Classify):
         return self.teacher(images).float()
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def predict(self, batch: dict) -> torch.Tensor:
+        images = batch["images"]
         if self.eval_head == "mean":
             return self.encoder(images)  # the encoder's own eval output: the mean of both heads
         cls_logits, dist_logits = self.encoder.forward_heads(self.encoder.forward_features(images))
@@ -169,9 +225,8 @@ def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[i
     from timm.models import get_pretrained_cfg
 
     from ..checkpoint import CheckpointError, encoder_config_of, export_description, load_weights, read_checkpoint, unwrap
-    from ..config import ConfigError
-    from ..models.timm_models import create_timm_model, timm_model_name
-    from ..models.vit import create_encoder
+    from ..models import create_encoder, family_for_arch
+    from ..models.timm_models import PREFIX, timm_model_name
 
     if not teacher_cfg.weights:
         raise ConfigError("distillation needs task.teacher.weights=PATH (a trained classifier: our "
@@ -185,16 +240,16 @@ def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[i
         raise ConfigError(f"task.teacher.arch is needed for {path.name} (not one of our exports): a timm model "
                           "name, e.g. task.teacher.arch=regnety_160 for DeiT's teacher")
     data = export_description(path).get("data") or {}
-    if arch.startswith("timm:") or ours is None:
+    if arch.startswith(PREFIX) or ours is None:
         name = timm_model_name(arch, "task.teacher.arch")
         pretrained = get_pretrained_cfg(name)  # timm's defaults for the arch: classifier name, input
         classifier = pretrained.classifier if pretrained is not None else "head"
         state, _ = unwrap(read_checkpoint(path)[0])
         weight = state.get(f"{classifier}.weight", state.get(f"encoder.{classifier}.weight"))
         default_size = list(pretrained.input_size[1:]) if pretrained is not None else list(student_img_size)
-        model = create_timm_model(name, dict(num_classes=int(weight.shape[0]) if weight is not None else num_classes,
-                                             in_chans=(ours or {}).get("in_chans", 3)),
-                                  key="task.teacher.arch")
+        model = family_for_arch(PREFIX + name).create(
+            PREFIX + name, num_classes=int(weight.shape[0]) if weight is not None else num_classes,
+            in_chans=(ours or {}).get("in_chans", 3), key="task.teacher.arch")
         try:
             load_weights(model, state, strict=True, verbose=False)
         except CheckpointError as e:
@@ -202,7 +257,7 @@ def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[i
                               "right?") from None
         default_mean = pretrained.mean if pretrained is not None else student_mean
         default_std = pretrained.std if pretrained is not None else student_std
-    else:  # one of our ViT exports (e.g. a fine-tuned, larger ViT)
+    else:  # one of our exports (e.g. a fine-tuned, larger ViT)
         model = create_encoder(**ours)
         load_weights(model, path, strict=True, verbose=False)
         default_size, default_mean, default_std = list(model.config["img_size"]), student_mean, student_std

@@ -13,13 +13,23 @@ Only the heads are in the optimizer. The best head exports folded into the encod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from ..models.vit import VisionTransformer
+from ..config import ConfigError, TaskConfig
+from ..models import build_encoder
+from ..models.base import classifier_prefixes
+from .base import ModelExport, RunContext, Task, register_task
+
+
+@dataclass
+class LinearProbeConfig(TaskConfig):
+    name: str = "linear_probe"
+    head_init_std: float = 0.01           # trunc-normal std of the heads (MAE's main_linprobe.py)
+    lr_scales: List[float] = field(default_factory=lambda: [1.0])  # one head per lr multiplier
 
 
 @dataclass
@@ -29,8 +39,30 @@ class ProbeOutput:
     metrics: dict = field(default_factory=dict)
 
 
-class LinearProbe(nn.Module):
-    def __init__(self, encoder: VisionTransformer, num_classes: int, *, lr_scales: Sequence[float] = (1.0,),
+@register_task
+class LinearProbe(Task):
+    """linear probing of a frozen encoder (MAE appendix A.3), one head per lr of a sweep."""
+    name = "linear_probe"
+    Config = LinearProbeConfig
+    needs_labels = True
+    trains_encoder = False
+    evaluation = "top-k"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        if not cfg.task.lr_scales or min(cfg.task.lr_scales) <= 0:
+            raise ConfigError(f"task.lr_scales={list(cfg.task.lr_scales)}: give positive multipliers, e.g. [0.1,1,10]")
+        if cfg.optim.layer_decay is not None:
+            raise ConfigError(f"optim.layer_decay={cfg.optim.layer_decay} would change nothing: a linear probe's "
+                              "encoder is frozen (pass optim.layer_decay=null)")
+
+    @classmethod
+    def build(cls, cfg, num_classes: int = 0) -> "LinearProbe":
+        return cls(build_encoder(cfg.model, num_classes=0), num_classes, lr_scales=cfg.task.lr_scales,
+                   head_init_std=cfg.task.head_init_std)
+
+    def __init__(self, encoder: nn.Module, num_classes: int, *, lr_scales: Sequence[float] = (1.0,),
                  head_init_std: float = 0.01):
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
@@ -43,7 +75,8 @@ class LinearProbe(nn.Module):
             nn.init.zeros_(head[1].bias)
             self.heads.append(head)
         self.criterion = nn.CrossEntropyLoss()
-        self.best_head = 0  # set by the evaluation: the head with the best validation top-1
+        self.best_head = 0  # set by `summarize`: the head with the best validation top-1
+        self.cached_val: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -63,12 +96,66 @@ class LinearProbe(nn.Module):
         metrics = {f"loss_lr{scale:g}": loss.item() for scale, loss in zip(self.lr_scales, losses)}
         return ProbeOutput(loss=sum(losses), logits=logits, metrics=metrics)
 
+    # --- data: features cached once when nothing is augmented -------------------------------
+
+    def training_data(self, run: RunContext):
+        """With data.train_transform=eval (no augmentation) the frozen encoder's features of both
+        splits are extracted once (each sample once over all ranks) and the heads train on them:
+        seconds instead of epochs of passes through the encoder. Otherwise the shard loader."""
+        from ..data import build_eval_loader
+        from ..data.features import FeatureData
+        from ..data.stream import in_fraction
+        from ..evaluate import extract_features
+
+        cfg, accelerator, plan = run.cfg, run.accelerator, run.plan
+        if cfg.data.train_transform != "eval":
+            run.print(f"linear probe: data.train_transform={cfg.data.train_transform} augments every batch, so the "
+                      "frozen encoder runs at every step (features are cached only with data.train_transform=eval)")
+            return None
+        cached = {}
+        self.eval()
+        for split in ("train", "val"):
+            loader = build_eval_loader(cfg, split, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                       batch_size=cfg.eval.batch_size or cfg.data.batch_size)
+            with accelerator.autocast():
+                feats, labels, keys = extract_features(self.features, loader, device=accelerator.device,
+                                                       normalize=run.normalize, accelerator=accelerator)
+            if split == "train" and cfg.data.train_fraction < 1:
+                keep = torch.tensor([in_fraction(k, cfg.data.train_fraction) for k in keys], device=labels.device)
+                feats, labels = feats[keep], labels[keep]
+            cached[split] = (feats, labels)
+            run.print(f"cached the {split} features of {len(labels)} samples")
+        self.train()
+        self.cached_val = cached["val"]
+        return FeatureData(*cached["train"], per_device_batch=plan.per_device_batch, accumulation=plan.accumulation,
+                           world_size=accelerator.num_processes, rank=accelerator.process_index,
+                           steps_per_epoch=plan.steps_per_epoch, seed=cfg.train.seed)
+
+    def validation_batches(self, rank: int, world_size: int, batch_size: int) -> Optional[Iterable[dict]]:
+        if self.cached_val is None:
+            return None
+        from ..data.features import split_for_rank
+
+        return split_for_rank(*self.cached_val, rank=rank, world_size=world_size, batch_size=batch_size)
+
+    # --- evaluation: the heads of the sweep --------------------------------------------------
+
     @torch.no_grad()
-    def predict(self, inputs: torch.Tensor, from_features: bool = False) -> list[torch.Tensor]:
-        features = inputs if from_features else self.features(inputs)
+    def predict(self, batch: dict) -> list[torch.Tensor]:
+        features = batch["features"] if "features" in batch else self.features(batch["images"])
         return [head(features.float()) for head in self.heads]
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def summarize(self, results: list[dict]) -> dict:
+        """The best head's result; with a sweep, which lr scale it was and every head's result. The
+        best head is the one exported (the lr is chosen on the split reported)."""
+        self.best_head = max(range(len(results)), key=lambda i: results[i]["top1"])
+        metrics = dict(results[self.best_head])
+        if len(results) > 1:
+            metrics["best_lr_scale"] = self.lr_scales[self.best_head]
+            metrics["heads"] = [{"lr_scale": s, **r} for s, r in zip(self.lr_scales, results)]
+        return metrics
+
+    def param_groups(self, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
         """One group per head carrying its lr multiplier. MAE's LARS adapts the >= 2-D weights only
         (exclude_bias_and_norm): weights get `always_adapt`, biases do not (and no weight decay)."""
         groups = []
@@ -90,9 +177,10 @@ class LinearProbe(nn.Module):
         folded.bias.copy_(linear.bias - (linear.weight / scale) @ norm.running_mean)
         return folded
 
-    def export_state(self) -> tuple[dict, dict]:
-        """(state dict, encoder config) of model.safetensors: the frozen encoder with the best head
-        folded into its `head`, a plain timm classifier."""
+    def export_state(self) -> ModelExport:
+        """model.safetensors: the frozen encoder with the best head folded into its `head`, a plain
+        timm classifier."""
         head = self.folded_head(self.best_head)
-        state = {**self.encoder.state_dict(), "head.weight": head.weight, "head.bias": head.bias}
-        return state, {**self.encoder.config, "num_classes": head.out_features}
+        name = classifier_prefixes(self.encoder)[0]  # `head.` (ViT), `fc.` (a timm ResNet), ...
+        state = {**self.encoder.state_dict(), f"{name}weight": head.weight, f"{name}bias": head.bias}
+        return ModelExport(state, {**self.encoder.config, "num_classes": head.out_features})

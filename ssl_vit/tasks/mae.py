@@ -18,7 +18,8 @@ MAE checkpoints, with or without the decoder, load through `ssl_vit.load_weights
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,28 @@ from einops import rearrange
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block
 
-from ..models.vit import VisionTransformer, sincos_2d_pos_embed
+from ..checkpoint import register_format
+from ..config import ConfigError, TaskConfig
+from ..models import LoadReport, build_encoder, sincos_2d_pos_embed
+from .base import Task, register_task
+
+DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+@dataclass
+class MAEConfig(TaskConfig):
+    name: str = "mae"
+    mask_ratio: float = 0.75              # §4, fig. 5: 75% works best for fine-tuning and linear probing
+    decoder_dim: int = 512                # table 1b
+    decoder_depth: int = 8                # table 1a
+    decoder_heads: int = 16               # reference code (models_mae.py)
+    norm_pix_loss: bool = True            # table 1c: per-patch normalised pixels as targets
+
+
+def check_mask_ratio(value: float, key: str = "task.mask_ratio") -> float:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{key}={value} must be in [0, 1): the fraction of patches removed")
+    return value
 
 
 @dataclass
@@ -37,16 +59,41 @@ class MAEOutput:
     metrics: dict = field(default_factory=dict)
 
 
-class MAE(nn.Module):
-    def __init__(self, encoder: VisionTransformer, *, decoder_dim: int = 512, decoder_depth: int = 8,
+@register_task
+class MAE(Task):
+    """masked autoencoder pre-training (He et al. 2022): 75% of the patches removed, pixels predicted."""
+    name = "mae"
+    Config = MAEConfig
+    evaluation = "knn"                    # the k-NN monitor, when eval.knn_every is set
+    encoder_forwards = frozenset({"visible"})
+    reconstructs = True
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        check_mask_ratio(cfg.task.mask_ratio)
+        if cfg.task.decoder_dim % cfg.task.decoder_heads:
+            raise ConfigError(f"task.decoder_dim={cfg.task.decoder_dim} is not divisible by "
+                              f"task.decoder_heads={cfg.task.decoder_heads}")
+        if not cfg.model.get("class_token", True) or cfg.model.get("dist_token", False):
+            raise ConfigError("MAE's encoder has exactly one prefix token, the class token: set "
+                              "model.class_token=true and model.dist_token=false")
+
+    @classmethod
+    def build(cls, cfg, num_classes: int = 0) -> "MAE":
+        task = cfg.task
+        return cls(build_encoder(cfg.model, num_classes=0), decoder_dim=task.decoder_dim,
+                   decoder_depth=task.decoder_depth, decoder_heads=task.decoder_heads, mask_ratio=task.mask_ratio,
+                   norm_pix_loss=task.norm_pix_loss)
+
+    def __init__(self, encoder: nn.Module, *, decoder_dim: int = 512, decoder_depth: int = 8,
                  decoder_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
                  mlp_ratio: float = 4.0):
         super().__init__()
         if encoder.cls_token is None or encoder.dist_token is not None:
             raise ValueError("MAE's encoder has exactly one prefix token, the class token (class_token=True, "
                              "dist_token=False)")
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio={mask_ratio} must be in [0, 1)")
+        check_mask_ratio(mask_ratio, "mask_ratio")
         self.encoder = encoder
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch = encoder.patch_size
@@ -149,13 +196,29 @@ class MAE(nn.Module):
         return MAEOutput(loss=loss, pred=pred, mask=mask)
 
     # ---------------------------------------------------------------------------------------
+    # what the rest of ssl_vit asks of a task
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
+    def picture_split(self) -> str:
+        return "train"  # its first training images, reconstructed under the same masks every time
+
+    def pictures(self, images: torch.Tensor, denormalize) -> dict[str, torch.Tensor]:
+        from ..pictures import reconstruction_grid
+
+        return {"reconstructions": reconstruction_grid(self.reconstruct(images, seed=0), denormalize)}
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    def reconstruct(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                    seed: Optional[int] = None) -> dict[str, torch.Tensor]:
         """Pictures for people, in the input's (normalised) pixel space [N, C, H, W]: the masked
-        input, the reconstruction and the reconstruction with the visible patches pasted back. With
-        norm_pix_loss the prediction is de-normalised with each patch's own statistics, as the
-        official MAE demo does."""
+        input, the reconstruction and the reconstruction with the visible patches pasted back. The
+        masks come from `noise`, or from `seed` (the same seed, the same masks). With norm_pix_loss
+        the prediction is de-normalised with each patch's own statistics, as the official MAE demo does."""
+        if noise is None:
+            generator = torch.Generator().manual_seed(seed or 0)
+            noise = torch.rand(images.shape[0], self.num_patches, generator=generator).to(images.device)
         output = self.forward(images, noise)
         pred = output.pred.float()
         if self.norm_pix_loss:
@@ -171,7 +234,48 @@ class MAE(nn.Module):
                 "pasted": images.float() * (1 - mask_image) + reconstruction * mask_image,
                 "mask": mask_image}
 
-    def export_state(self) -> tuple[dict, dict]:
-        """(state dict, encoder config) of model.safetensors: the official MAE layout, decoder included."""
-        state = {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in self.state_dict().items()}
-        return state, dict(self.encoder.config)
+    # model.safetensors is the official layout, decoder included: the default export_state
+
+    def fit_state_dict(self, state: dict[str, torch.Tensor], metadata: Mapping[str, str],
+                       report: LoadReport) -> dict[str, torch.Tensor]:
+        """The decoder's position table is fixed sin-cos: recomputed for this module's grid."""
+        key = "decoder_pos_embed"
+        if key in state and state[key].shape != self.decoder_pos_embed.shape:
+            state[key] = self.decoder_pos_embed.clone()
+            report.resized.append(f"{key} (fixed sin-cos, recomputed for grid {self.encoder.grid_size})")
+        return state
+
+    @classmethod
+    def claims_checkpoint(cls, state: Mapping[str, torch.Tensor]) -> bool:
+        return "decoder_pred.weight" in state
+
+    @classmethod
+    def config_from_state(cls, state: Mapping[str, torch.Tensor], recorded: Mapping[str, Any],
+                          path: str = "") -> dict[str, Any]:
+        """The decoder's width and depth from its tensors; heads, norm_pix_loss and mask_ratio from
+        what the file recorded (our JSON, or the official checkpoints' training arguments)."""
+        settings = {"decoder_dim": state["decoder_embed.weight"].shape[0],
+                    "decoder_depth": len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})}
+        for key in ("decoder_heads", "norm_pix_loss", "mask_ratio"):
+            if recorded.get(key) is not None:
+                settings[key] = recorded[key]
+        if "norm_pix_loss" not in settings and "visualize" in Path(path).name:
+            # the MAE demo's checkpoints record nothing; they are "an MAE model trained with pixels as
+            # targets for visualization" (facebookresearch/mae, demo/mae_visualize.ipynb)
+            settings["norm_pix_loss"] = False
+        return settings
+
+
+@register_format("official MAE (with decoder)", recognise=lambda state: any(k.startswith(DECODER_PREFIXES)
+                                                                             for k in state))
+def convert_official_mae(state: dict[str, torch.Tensor], module: nn.Module, report: LoadReport) -> dict:
+    """Official MAE checkpoints (facebookresearch/mae): the decoder (`decoder_*`, `mask_token`) is
+    kept only for an MAE module. MAE fine-tuning drops the pre-training `norm` for a fresh `fc_norm`
+    (main_finetune.py), which the encoder's load reports as unexpected."""
+    if isinstance(module, MAE):
+        return state
+    dropped = [k for k in state if k.startswith(DECODER_PREFIXES)]
+    report.unexpected += dropped
+    if dropped:
+        report.notes.append(f"the MAE decoder ({len(dropped)} tensors) is not part of this module and was ignored")
+    return {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}

@@ -3,10 +3,12 @@
     argv -> what to draw, `--rollout`, key=value             -> a config (default recipe mae_base)
     init -> our export: its JSON says how the model was built and how its inputs were normalised
             a foreign file (official MAE, timm, DeiT): the tensors' shapes say the architecture
-         -> an MAE with its decoder (reconstruct) or an encoder (attention), weights loaded
+            (an encoder family's `config_from_state`, a task's `config_from_state`)
+         -> the task that reconstructs (reconstruct: the file's, e.g. MAE with its decoder) or the
+            encoder (attention: its family's `attention_maps`), weights loaded
     images=a.jpg,b*.png  each resized and centre-cropped as the eval transform (data.crop_pct)
     or a shard split     the first num_images images of data.val (data.name=digits: the embedded set)
-         -> ssl_vit/viz.py draws the grid -> out (PNG)
+         -> ssl_vit/pictures.py draws the grid -> out (PNG)
 """
 from __future__ import annotations
 
@@ -19,11 +21,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import OmegaConf
-
 from . import config
-from .commands import adopt_init_settings
-from .config import Config, ConfigError, ModelConfig
+from .commands import init_settings
+from .config import Config, ConfigError
 
 MODES = ("reconstruct", "attention")
 FLAGS = {"--rollout": "rollout=true", "--no-heads": "heads=false"}
@@ -94,30 +94,35 @@ def visualize(argv: Optional[Sequence[str]] = None) -> int:
     if mode not in MODES:
         raise ConfigError(f"the first argument says what to draw: {' or '.join(MODES)}, not {mode!r} "
                           "(see --help)")
-    cfg, explicit = _load_config(argv)
-    if cfg.print_config:
-        print(config.to_yaml(cfg), end="")
-        return 0
-    if mode == "reconstruct" and cfg.rollout:
-        raise ConfigError("--rollout is an option of `attention`, not of `reconstruct`")
-    return draw(mode, cfg, explicit)
-
-
-def _load_config(argv: list[str]):
-    try:
-        cfg = config.load(argv, schema=VisualizeConfig, command="visualize.py", default_recipe="mae_base")
-    except ConfigError as e:
-        if not str(e).startswith("unknown key"):
-            raise
-        raise ConfigError(f"{str(e).rstrip('.')}{_suggest_option(argv)}") from None
-    explicit = config.command_line_keys(argv)
+    cfg = _load_config(argv, check=False)
     if not cfg.init or cfg.init == "random":
         raise ConfigError("visualize.py needs init=PATH: the model.safetensors of an MAE run, a backbone, or an "
                           "official MAE / timm / DeiT checkpoint")
     if not Path(cfg.init).is_file():
         raise ConfigError(f"init={cfg.init}: no such file")
-    adopt_init_settings(cfg, explicit)
-    return cfg, explicit
+    if mode == "reconstruct" and cfg.rollout:
+        raise ConfigError("--rollout is an option of `attention`, not of `reconstruct`")
+    if cfg.images is not None:
+        image_paths(cfg.images)  # a mistyped path fails before a large checkpoint is read
+    checkpoint = _read(cfg.init)
+    settings, task = _settings_of(mode, cfg, checkpoint, config.command_line_keys(argv))
+    cfg = _load_config(argv, adopted=(f"{Path(cfg.init).name}", settings))
+    if cfg.print_config:
+        print(config.to_yaml(cfg), end="")
+        return 0
+    if task is not None and not checkpoint["ours"]:  # what was read from the tensors, and assumed
+        shown = ", ".join(f"{k}={v}" for k, v in cfg.task.items())
+        print(f"reading {cfg.init} as an {task.__name__} with {shown} (override any with task.KEY=)")
+    return draw(mode, cfg, checkpoint, task)
+
+
+def _load_config(argv: list[str], **adopted):
+    try:
+        return config.load(argv, schema=VisualizeConfig, command="visualize.py", default_recipe="mae_base", **adopted)
+    except ConfigError as e:
+        if not str(e).startswith("unknown key"):
+            raise
+        raise ConfigError(f"{str(e).rstrip('.')}{_suggest_option(argv)}") from None
 
 
 def _suggest_option(argv: list[str]) -> str:
@@ -129,38 +134,31 @@ def _suggest_option(argv: list[str]) -> str:
     return f".{hint} This command's options: {', '.join(options)} (see --help)"
 
 
-def draw(mode: str, cfg, explicit: set[str]) -> int:
-    import torch
-
-    from . import viz
+def draw(mode: str, cfg, checkpoint: dict, task) -> int:
+    from . import pictures
     from .data import DeviceNormalize
+    from .models import family_of
 
-    if cfg.images is not None:
-        image_paths(cfg.images)  # a mistyped path fails before a large checkpoint is read
-    checkpoint = _read(cfg.init)
-    model = _build_model(mode, cfg, explicit, checkpoint)
+    model = _build_model(mode, cfg, checkpoint, task)
     images = load_images(cfg)
     normalize = DeviceNormalize(cfg.data.mean, cfg.data.std)
     inputs = normalize(images)
     scale = cfg.scale or max(1, math.ceil(128 / max(images.shape[-2:])))
     if mode == "reconstruct":
-        mask_ratio = cfg.task.mask_ratio if cfg.mask_ratio is None else cfg.mask_ratio
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio={mask_ratio} must be in [0, 1)")
-        model.mask_ratio = mask_ratio
-        noise = torch.rand(len(images), model.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
-        grid = viz.reconstruction_grid(model.reconstruct(inputs, noise), normalize.denormalize, scale=scale)
-        columns = " | ".join(viz.RECONSTRUCTION_COLUMNS)
-        what = f"mask ratio {mask_ratio}, seed {cfg.seed}"
+        grid = pictures.reconstruction_grid(model.reconstruct(inputs, seed=cfg.seed), normalize.denormalize,
+                                            scale=scale)
+        columns = " | ".join(pictures.RECONSTRUCTION_COLUMNS)
+        what = f"task {model.name}, mask ratio {cfg.task.get('mask_ratio')}, seed {cfg.seed}"
     else:
         try:
-            maps = viz.attention_maps(model, inputs, layer=cfg.layer, heads=cfg.heads, rollout=cfg.rollout)
+            maps = family_of(model).attention_maps(model, inputs, layer=cfg.layer, heads=cfg.heads,
+                                                   rollout=cfg.rollout)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        grid = viz.attention_grid(normalize.denormalize(inputs), maps, scale=scale)
+        grid = pictures.attention_grid(normalize.denormalize(inputs), maps, scale=scale)
         columns = " | ".join(["original", *maps])
-        what = f"class-token attention of block {cfg.layer % len(model.blocks)}"
-    out = viz.save_png(grid, cfg.out or f"{mode}.png")
+        what = f"attention of layer {cfg.layer}"
+    out = pictures.save_png(grid, cfg.out or f"{mode}.png")
     print(f"wrote {out} ({grid.shape[2]}x{grid.shape[1]} px): {len(images)} image(s), {what}; columns: {columns}")
     return 0
 
@@ -182,32 +180,59 @@ def _read(path: str) -> dict:
     return dict(raw=raw, state=state, metadata=metadata, args=args, ours=metadata.get("format") == FORMAT)
 
 
-def _build_model(mode: str, cfg, explicit: set[str], checkpoint: dict):
-    from .checkpoint import CheckpointError, load_weights
-    from .tasks import build_encoder, build_mae
+def _settings_of(mode: str, cfg, checkpoint: dict, explicit: set[str]):
+    """What the file says about the model, as {recipe key: value}, and (reconstruct) the task that
+    draws it. Our exports record the whole encoder (in the safetensors metadata), the run's task and
+    input (in the JSON beside); official MAE, timm and DeiT files carry no config, so the tensors'
+    shapes say what they can (the families' and tasks' `config_from_state`)."""
+    from .checkpoint import export_description
+    from .models import family_for_arch, registered_families
+    from .tasks import registered_tasks, task_class
 
-    has_decoder = "decoder_pred.weight" in checkpoint["state"]
-    if mode == "reconstruct" and not has_decoder:
-        raise ConfigError(f"init={cfg.init} holds no MAE decoder, so nothing can be reconstructed: give the "
-                          "model.safetensors of an MAE run (not backbone.safetensors) or an official MAE "
-                          "checkpoint with its decoder (mae_visualize_vit_*.pth)")
-    for key, value in _settings_of(cfg, checkpoint, explicit).items():
-        if key not in explicit:  # the command line wins over the file
-            OmegaConf.update(cfg, key, value)
-    cfg.model.drop_path_rate = 0.0
-    config.validate(cfg)
-    if mode == "reconstruct" and not checkpoint["ours"]:
-        print(f"reading {cfg.init} as an MAE with norm_pix_loss={cfg.task.norm_pix_loss} and "
-              f"decoder_heads={cfg.task.decoder_heads} (override with task.norm_pix_loss= / task.decoder_heads=)")
-
-    if mode == "reconstruct":
-        task = cfg.task
-        if task.decoder_dim % task.decoder_heads:
-            raise ConfigError(f"task.decoder_dim={task.decoder_dim} (the file's) is not divisible by "
-                              f"task.decoder_heads={task.decoder_heads}: give task.decoder_heads=")
-        model = build_mae(cfg, num_classes=0)
+    state = checkpoint["state"]
+    if checkpoint["ours"]:
+        encoder = json.loads(checkpoint["metadata"]["encoder"])
+        family = family_for_arch(encoder["arch"])
+        names = {f.name for f in fields(family.Config)}
+        settings = {f"model.{k}": v for k, v in encoder.items() if k in names}
+        settings.update({k: v for k, v in init_settings(cfg, explicit).items() if k.startswith("data.")})
+        recorded = export_description(cfg.init).get("task") or {}
     else:
-        model = build_encoder(cfg.model)
+        num_heads = cfg.model.get("num_heads") if "model.num_heads" in explicit else None
+        settings, reasons = None, []
+        for family in registered_families().values():
+            try:
+                found = family.config_from_state(state, num_heads=num_heads, recipe=cfg.model)
+            except ValueError as e:
+                reasons.append(str(e))
+                continue
+            settings = {f"model.{k}": v for k, v in found.items()}
+            break
+        if settings is None:
+            raise ConfigError(f"init={cfg.init}: cannot tell its architecture: {'; '.join(reasons)}")
+        recorded = checkpoint["args"]
+    settings["model.drop_path_rate"] = 0.0
+    if mode != "reconstruct":
+        return settings, None
+    name = recorded.get("name") if checkpoint["ours"] else None
+    tasks = [task_class(name)] if name else [t for t in registered_tasks().values() if t.claims_checkpoint(state)]
+    task = next((t for t in tasks if t.reconstructs and t.claims_checkpoint(state)), None)
+    if task is None:
+        raise ConfigError(f"init={cfg.init} holds no MAE decoder (nor another model that reconstructs images), so "
+                          "nothing can be reconstructed: give the model.safetensors of an MAE run (not "
+                          "backbone.safetensors) or an official MAE checkpoint with its decoder (mae_visualize_vit_*.pth)")
+    settings["task.name"] = task.name
+    settings.update({f"task.{k}": v for k, v in task.config_from_state(state, recorded, cfg.init).items()})
+    if cfg.mask_ratio is not None:
+        settings["task.mask_ratio"] = cfg.mask_ratio
+    return {k: v for k, v in settings.items() if k not in explicit}, task
+
+
+def _build_model(mode: str, cfg, checkpoint: dict, task):
+    from .checkpoint import CheckpointError, load_weights
+    from .models import build_encoder
+
+    model = task.build(cfg, 0) if mode == "reconstruct" else build_encoder(cfg.model)
     try:  # our exports by path (their metadata records the grid), foreign files as already read
         report = load_weights(model, cfg.init if checkpoint["ours"] else checkpoint["raw"])
     except CheckpointError as e:
@@ -217,69 +242,6 @@ def _build_model(mode: str, cfg, explicit: set[str], checkpoint: dict):
         raise ConfigError(f"init={cfg.init} lacks {len(report.missing)} of the model's tensors ({shown}); the "
                           "picture would show random weights. Check model.* / task.* against the file")
     return model.eval()
-
-
-def _settings_of(cfg, checkpoint: dict, explicit: set[str]) -> dict[str, Any]:
-    """What the file says about the model, as {recipe key: value}. Our exports record the whole
-    encoder (in the safetensors metadata) and the run's task (in the JSON beside); official MAE,
-    timm and DeiT files carry no config, so the tensors' shapes say what they can."""
-    from .checkpoint import export_description
-
-    state = checkpoint["state"]
-    if checkpoint["ours"]:
-        encoder = json.loads(checkpoint["metadata"]["encoder"])
-        settings = {f"model.{f.name}": encoder[f.name] for f in fields(ModelConfig) if f.name in encoder}
-        recorded = export_description(cfg.init).get("task") or {}
-    else:
-        settings = _architecture_of(cfg, state, explicit)
-        recorded = checkpoint["args"]
-    if "decoder_pred.weight" in state:
-        settings["task.decoder_dim"] = state["decoder_embed.weight"].shape[0]
-        settings["task.decoder_depth"] = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
-        for key in ("decoder_heads", "norm_pix_loss", "mask_ratio"):
-            if recorded.get(key) is not None:
-                settings[f"task.{key}"] = recorded[key]
-        if "task.norm_pix_loss" not in settings and "visualize" in Path(cfg.init).name:
-            # the MAE demo's checkpoints record nothing; they are "an MAE model trained with pixels as
-            # targets for visualization" (facebookresearch/mae, demo/mae_visualize.ipynb)
-            settings["task.norm_pix_loss"] = False
-    return settings
-
-
-def _architecture_of(cfg, state: dict, explicit: set[str]) -> dict[str, Any]:
-    """A foreign ViT's build settings from its tensors; the number of heads (which shapes cannot
-    tell) from model.num_heads=, the named size with that width and depth, or a recipe of that width."""
-    from .models.vit import ARCHS
-
-    kernel = state.get("patch_embed.proj.weight")
-    if kernel is None or kernel.ndim != 4 or "blocks.0.norm1.weight" not in state:
-        raise ConfigError(f"init={cfg.init} is not a ViT with a convolutional patch embedding that this tool "
-                          "can read the architecture of; give recipe=... with its model.* settings")
-    embed_dim, in_chans, patch = kernel.shape[0], kernel.shape[1], kernel.shape[-1]
-    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
-    prefix = int("cls_token" in state) + int("dist_token" in state)
-    found = dict(embed_dim=embed_dim, depth=depth, patch_size=patch, in_chans=in_chans,
-                 class_token="cls_token" in state, dist_token="dist_token" in state,
-                 global_pool="avg" if "fc_norm.weight" in state else "token",
-                 num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
-                 pos_embed="sincos" if "decoder_pred.weight" in state else "learn")  # MAE: fixed sin-cos
-    if "blocks.0.ls1.gamma" in state:
-        found["layer_scale_init"] = 1.0e-5  # any value builds the LayerScale; the file's gamma is loaded
-    if "pos_embed" in state:
-        tokens = state["pos_embed"].shape[1] - prefix
-        if math.isqrt(tokens) ** 2 == tokens:
-            found["img_size"] = math.isqrt(tokens) * patch
-    named = [name for name, arch in ARCHS.items() if (arch["embed_dim"], arch["depth"]) == (embed_dim, depth)]
-    recipe_width = cfg.model.embed_dim or ARCHS.get(cfg.model.arch, {}).get("embed_dim")
-    if named:
-        found["arch"], found["num_heads"] = named[0], ARCHS[named[0]]["num_heads"]
-    elif cfg.model.num_heads and recipe_width == embed_dim:
-        found["num_heads"] = cfg.model.num_heads  # a recipe describing this file
-    elif "model.num_heads" not in explicit:
-        raise ConfigError(f"init={cfg.init} holds a ViT with embed_dim={embed_dim}, depth={depth}, patch {patch}, "
-                          "which is none of the named sizes, so its number of heads is unknown: give "
-                          "model.num_heads=N (or a recipe=... describing it)")
-    return {f"model.{key}": value for key, value in found.items()}
 
 
 # -------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Where a ViT looks: its attention weights, recomputed, and attention rollout.
+"""Where a ViT looks: its attention weights, recomputed, the class token's maps and attention rollout.
 
 timm's `Attention` runs fused scaled-dot-product attention, which never materialises the weights.
 `AttentionRecorder` hooks the attention modules of the chosen blocks, reads their input and
@@ -11,6 +11,8 @@ unfused path does; the hooks only read, so the model's outputs are unchanged.
     class_token_attention(weights)             [B, H, L]    what the class token reads, per head
     attention_rollout([weights of each layer]) [B, L]       attention traced through every layer
                                                             (Abnar & Zuidema 2020)
+    attention_maps(encoder, images)            {"mean": [B, h, w], "head i": ..., "rollout": ...}
+                                                            (what the ViT family draws)
 """
 from __future__ import annotations
 
@@ -104,3 +106,24 @@ def attention_rollout(weights: torch.Tensor, num_prefix_tokens: int = 1) -> torc
         layer = layer / layer.sum(dim=-1, keepdim=True)
         rollout = layer @ rollout                                                # tokens of layer l -> inputs
     return rollout[:, 0, num_prefix_tokens:]
+
+
+@torch.no_grad()
+def attention_maps(encoder, images: torch.Tensor, *, layer: int = -1, heads: bool = True,
+                   rollout: bool = False) -> dict[str, torch.Tensor]:
+    """Where the class token looks, on the patch grid [B, h, w]: in block `layer`, the mean over the
+    heads ("mean") and each head ("head i"); with `rollout`, attention rolled out through all the
+    blocks (Abnar & Zuidema 2020). `images` are normalised, at the encoder's img_size."""
+    if encoder.cls_token is None:
+        raise ValueError("attention maps show what the class token attends to, and this encoder has none "
+                         "(model.class_token=false)")
+    prefix, grid = encoder.num_prefix_tokens, encoder.grid_size
+    with AttentionRecorder(encoder, layers=None if rollout else [layer]) as recorder:
+        encoder.forward_features(images)
+    per_head = class_token_attention(recorder.weights[layer % len(encoder.blocks)], prefix)  # [B, H, L]
+    maps = {"mean": per_head.mean(dim=1)}
+    if heads:
+        maps.update({f"head {h}": per_head[:, h] for h in range(per_head.shape[1])})
+    if rollout:
+        maps["rollout"] = attention_rollout(recorder.stacked(), prefix)
+    return {name: values.reshape(-1, *grid) for name, values in maps.items()}

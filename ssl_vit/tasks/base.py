@@ -1,0 +1,229 @@
+"""The task contract: what a method trained on top of the shared encoder says about itself.
+
+A task is one file in ssl_vit/tasks/ holding one `Task` subclass decorated with `@register_task`;
+`task.name` picks it. The training loop, evaluation, the optimizer, checkpoints, exports and pictures
+call what is written here and never ask which task they run.
+
+    @register_task
+    class MAE(Task):
+        name = "mae"                    # task.name
+        Config = MAEConfig              # its `task:` keys, a dataclass extending config.TaskConfig
+        needs_labels = False            # training batches must carry class labels (model.num_classes)
+        trains_encoder = True           # False: the encoder stays frozen (linear probing)
+        evaluation = "knn"              # "top-k": predict() on data.val, every eval.every_epochs and at the end
+                                        # "knn":   the k-NN monitor of the encoder, every eval.knn_every steps
+                                        # "none"
+        encoder_forwards = {"visible"}  # what it asks of the encoder's forward_features (models/base.py)
+
+        validate(cfg)                   # its own rules, before anything is built (ConfigError)
+        build(cfg, num_classes)         # the module, from the recipe
+        forward(batch)                  # -> an output with .loss (scalar) and .metrics (dict of numbers)
+        describe()                      # what was built, printed at start-up
+
+    and, where the defaults below do not fit:
+        param_groups(weight_decay, layer_decay)   the encoder's groups (its group_matcher and
+                                        no_weight_decay, through timm) + the task's own parameters
+        no_weight_decay()               its own parameters (outside the encoder) kept out of weight decay
+        predict(batch) / summarize(results)       top-k evaluation (a list of logits for several heads)
+        training_data(run) / validation_batches(rank, world_size, batch_size)   data of its own
+        picture_split() / pictures(images, denormalize)   what TensorBoard shows every log.images_every
+        reconstructs, reconstruct(images, seed)           tools/visualize.py reconstruct
+        export_state()                  model.safetensors (default: its state, encoder keys unprefixed)
+        fit_state_dict(state, metadata, report)   its own tensors in a file -> this module's shapes
+        claims_checkpoint(state) / config_from_state(state, recorded)   reading foreign files
+    A file format that belongs to the task (official MAE with its decoder) is registered beside it
+    with `ssl_vit.checkpoint.register_format`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, TaskConfig
+from ..models import LoadReport, family_for_arch, family_of
+from ..models.base import register_unique
+
+EVALUATIONS = ("top-k", "knn", "none")
+
+
+@dataclass
+class TaskOutput:
+    loss: torch.Tensor                  # scalar
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelExport:
+    """What model.safetensors holds: tensors, the encoder config to rebuild it, and whether the file
+    is a plain timm model (then its JSON carries the timm.create_model command)."""
+    state: dict
+    encoder_config: dict
+    timm_loadable: bool = True
+
+
+@dataclass
+class RunContext:
+    """What a task may use to make its own data: the run's config, Accelerate, the derived plan, the
+    device-side normalisation, the training split and the main process's printer."""
+    cfg: Any
+    accelerator: Any
+    plan: Any
+    normalize: Any
+    source: Any
+    print: Any
+
+
+class Task(nn.Module):
+    name: ClassVar[str]
+    Config: ClassVar[type] = TaskConfig
+    needs_labels: ClassVar[bool] = False
+    trains_encoder: ClassVar[bool] = True
+    evaluation: ClassVar[str] = "knn"
+    encoder_forwards: ClassVar[frozenset] = frozenset()
+    reconstructs: ClassVar[bool] = False
+    encoder: nn.Module
+
+    # --- what the recipe says ---------------------------------------------------------------
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """The task's rules over its `task:` keys (and their interplay with the others): ConfigError."""
+        family = family_for_arch(cfg.model.arch)
+        missing = cls.encoder_forwards - family.masked_forwards
+        if missing:
+            raise ConfigError(f"task.name={cls.name} needs the encoder's {', '.join(sorted(missing))} forward, which "
+                              f"model.arch={cfg.model.arch} ({family.name} encoders) does not have; use an encoder "
+                              f"that does (e.g. model.arch=vit_base_patch16)")
+
+    @classmethod
+    def build(cls, cfg, num_classes: int = 0) -> "Task":
+        raise NotImplementedError
+
+    @classmethod
+    def required_splits(cls, cfg) -> tuple[str, ...]:
+        """The data splits a run of this task reads: training, and validation when it evaluates."""
+        evaluates = cls.evaluation == "top-k" or (cls.evaluation == "knn" and cfg.eval.knn_every > 0)
+        return ("train", "val") if evaluates else ("train",)
+
+    @classmethod
+    def uses_labels(cls, cfg) -> bool:
+        """Whether the run needs class labels (and so the number of classes)."""
+        return cls.needs_labels or (cls.evaluation == "knn" and cfg.eval.knn_every > 0)
+
+    def describe(self) -> str:
+        encoder = self.encoder
+        arch = encoder.config.get("arch", type(encoder).__name__)
+        shape = ", ".join(f"{k} {encoder.config[k]}" for k in ("embed_dim", "depth", "num_heads", "patch_size",
+                                                                 "img_size") if encoder.config.get(k) is not None)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return (f"task {self.name} on {arch} ({shape}{', ' if shape else ''}"
+                f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder parameters); "
+                f"{trainable / 1e6:.2f}M trainable parameters in all")
+
+    # --- training ----------------------------------------------------------------------------
+
+    def param_groups(self, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
+        """The encoder's groups (timm's, from its group_matcher / no_weight_decay) when it trains, then
+        the task's own parameters (heads, decoders) at the full lr."""
+        from ..optim import own_param_groups, param_groups
+
+        groups = param_groups(self.encoder, weight_decay, layer_decay) if self.trains_encoder else []
+        own = [(n, p) for n, p in self.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+        return groups + own_param_groups(own, weight_decay, self.no_weight_decay())
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def training_data(self, run: RunContext):
+        """Data of the task's own making (e.g. cached features), or None for the shard loader."""
+        return None
+
+    # --- evaluation --------------------------------------------------------------------------
+
+    def predict(self, batch: dict) -> Union[torch.Tensor, Sequence[torch.Tensor]]:
+        """Logits for the top-k evaluation (batch["images"] normalised), or one per head."""
+        raise NotImplementedError(f"task {self.name} is not evaluated by top-k accuracy")
+
+    def summarize(self, results: list[dict]) -> dict:
+        """The evaluation's metrics from one result per head of predict()."""
+        return dict(results[0])
+
+    def validation_batches(self, rank: int, world_size: int, batch_size: int) -> Optional[Iterable[dict]]:
+        """Validation data of the task's own making, or None for the shard loader of data.val."""
+        return None
+
+    # --- pictures ----------------------------------------------------------------------------
+
+    def picture_split(self) -> Optional[str]:
+        """Which split's first images TensorBoard shows ("train" or "val"), or None for no pictures."""
+        return None
+
+    def pictures(self, images: torch.Tensor, denormalize) -> dict[str, torch.Tensor]:
+        """{TensorBoard tag: image grid [3, H, W] in [0, 1]} for normalised images."""
+        return {}
+
+    def reconstruct(self, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"task {self.name} does not reconstruct images")
+
+    # --- files -------------------------------------------------------------------------------
+
+    def export_state(self) -> ModelExport:
+        """model.safetensors: the task's tensors with the encoder's keys at the top level (timm's
+        names), its own beside them."""
+        prefix = "encoder."
+        state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in self.state_dict().items()}
+        own = any(not k.startswith(prefix) for k in self.state_dict())
+        return ModelExport(state, dict(self.encoder.config), timm_loadable=not own)
+
+    def fit_state_dict(self, state: dict[str, torch.Tensor], metadata: Mapping[str, str],
+                       report: LoadReport) -> dict[str, torch.Tensor]:
+        """Make a file's tensors for the task's own parts (keys outside `encoder.`) fit this module."""
+        return state
+
+    @classmethod
+    def claims_checkpoint(cls, state: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a foreign file holds this task's own parts (an MAE decoder)."""
+        return False
+
+    @classmethod
+    def config_from_state(cls, state: Mapping[str, torch.Tensor], recorded: Mapping[str, Any],
+                          path: str = "") -> dict[str, Any]:
+        """The `task:` keys a file (at `path`) implies, from its tensors' shapes and what it recorded
+        (our JSON's task section, or an official checkpoint's training arguments)."""
+        return {}
+
+
+# -------------------------------------------------------------------------------------------
+# the registry
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a task available as task.name=<cls.name>."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)) or not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__}: a task subclasses ssl_vit.tasks.Task and sets `name`")
+    if cls.evaluation not in EVALUATIONS:
+        raise TypeError(f"{cls.__name__}.evaluation={cls.evaluation!r}: use one of {', '.join(EVALUATIONS)}")
+    if not issubclass(cls.Config, TaskConfig):
+        raise TypeError(f"{cls.__name__}.Config must be a dataclass extending ssl_vit.config.TaskConfig")
+    return register_unique(_TASKS, "tasks", cls)
+
+
+def registered_tasks() -> dict[str, type[Task]]:
+    return dict(_TASKS)
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in _TASKS:
+        raise ConfigError(f"task.name={name!r} is not one of: {', '.join(_TASKS)} (a task of your own registers "
+                          "itself with @register_task in a module named under imports:)")
+    return _TASKS[name]
+
+
+def encoder_family(task: Task):
+    """The family of a task's encoder (pictures, exports)."""
+    return family_of(task.encoder)
