@@ -11,7 +11,6 @@ unless given on the command line, so that `init=runs/x/backbone.safetensors` is 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,15 +26,20 @@ def _argv(argv: Optional[Sequence[str]]) -> list[str]:
     return list(sys.argv[1:] if argv is None else argv)
 
 
-def load_config(argv: Sequence[str], command: str, default_recipe: Optional[str] = None, schema: type = config.Config):
-    """The recipe + what the JSON beside an `init` export says about its encoder and input + the
-    command line, validated."""
-    cfg = config.load(argv, schema=schema, command=command, default_recipe=default_recipe, check=False)
+def load_config(argv: Sequence[str], command: str, default_recipe: Optional[str] = None, schema: type = config.Config,
+                accepts=None):
+    """The recipe + what the JSON beside an `init` export (or `like=` with init=random) says about its
+    encoder and input + the command line, validated. `accepts`: the tasks the command runs (its
+    --help lists their recipes only)."""
+    recipes = (lambda: runnable_recipes(accepts)) if accepts is not None else None
+    cfg = config.load(argv, schema=schema, command=command, default_recipe=default_recipe, check=False,
+                      recipes=recipes)
     adopted = init_settings(cfg, config.command_line_keys(argv))
     if not adopted:
         config.validate(cfg)
         return cfg
-    where = f"{Path(cfg.init).with_suffix('.json').name} beside init"
+    where = (f"{Path(cfg.init).with_suffix('.json').name} beside init" if cfg.init != "random"
+             else f"like={cfg.like}")
     cfg = config.load(argv, schema=schema, command=command, default_recipe=default_recipe, adopted=(where, adopted))
     if int(os.environ.get("RANK", "0")) == 0 and not cfg.print_config:
         shown = ", ".join(f"{key}={OmegaConf.to_container(value) if OmegaConf.is_config(value) else value}"
@@ -48,12 +52,17 @@ def init_settings(cfg, explicit: set[str]) -> dict[str, Any]:
     """What the JSON beside an `init` export decides, as {recipe key: value}: the encoder's
     architecture (its family's `architecture_keys`) and the input normalisation; the recipe keeps the
     rest (pooling, drop path, number of classes), and the command line wins over both."""
-    if not cfg.init or cfg.init == "random":
+    if not cfg.init:
         return {}
-    path = Path(cfg.init)
-    if not path.exists():
-        raise ConfigError(f"init={cfg.init}: no such file; give a checkpoint (ours, timm, official MAE or DeiT) "
-                          "or init=random")
+    if cfg.init == "random":
+        if not cfg.like:
+            return {}
+        path = like_export(cfg.like)
+    else:
+        path = Path(cfg.init)
+        if not path.is_file():
+            raise ConfigError(f"init={cfg.init}: no such file; give a checkpoint (ours, timm, official MAE or DeiT) "
+                              "or init=random")
     from .checkpoint import export_description
     from .models import family_for_arch
     from .outputs import INPUT_KEYS
@@ -75,30 +84,78 @@ def init_settings(cfg, explicit: set[str]) -> dict[str, Any]:
     return adopted
 
 
+def like_export(like: str) -> Path:
+    """The export that `like=` names: a .safetensors export, the JSON beside one, or a run folder
+    (its backbone.safetensors)."""
+    path = Path(like)
+    if path.is_dir():
+        path = next((path / name for name in ("backbone.safetensors", "model.safetensors")
+                     if (path / name).is_file()), path / "backbone.safetensors")
+    elif path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    if not path.with_suffix(".json").is_file():
+        raise ConfigError(f"like={like}: no export of ours there (a backbone.safetensors with its JSON, or the run "
+                          "folder holding one), so the architecture of the random baseline is unknown")
+    return path
+
+
 def _require(cfg, command: str, accepts, what: str, needs_init: bool) -> None:
     """The tasks a command runs, by what they say of themselves (tasks/base.py)."""
     from .tasks import registered_tasks, task_class
 
     if not accepts(task_class(cfg.task.name)):
         fitting = [name for name, cls in registered_tasks().items() if accepts(cls)]
+        recipes = ", ".join(runnable_recipes(accepts)) or "none"
         raise ConfigError(f"{command} runs {what} (task.name in {fitting}); recipe {cfg.recipe!r} has "
-                          f"task.name={cfg.task.name!r}: use pretrain.py for it, or a recipe of this command")
+                          f"task.name={cfg.task.name!r}. Use one of its recipes ({recipes}); for the random "
+                          f"baseline of a pre-trained encoder: {command} recipe=<one of those> init=random "
+                          "like=runs/<the pre-training run> (its architecture and input normalisation)")
     if needs_init and not cfg.init:
         raise ConfigError(f"{command} needs init=PATH (our backbone.safetensors, a timm, official MAE or DeiT "
                           "checkpoint) or init=random for the randomly initialised baseline")
 
 
+def runnable_recipes(accepts) -> list[str]:
+    """The recipes whose task a command runs (for its errors and --help)."""
+    from .recipe_loading import recipe_task
+    from .tasks import registered_tasks
+
+    tasks = registered_tasks()
+    return [name for name in config.available_recipes()
+            if (task := recipe_task(name)) in tasks and accepts(tasks[task])]
+
+
 def _train(argv, command: str, accepts, what: str, needs_init: bool) -> int:
+    from .run_state import catch_stop_signals_early
+
+    catch_stop_signals_early()
     from .train import Trainer
 
     argv = _argv(argv)
-    cfg = load_config(argv, command)
+    cfg = load_config(argv, command, accepts=accepts)
     if cfg.print_config:
         print(config.to_yaml(cfg), end="")
         return 0
     _require(cfg, command, accepts, what, needs_init)
+    check_before_start(cfg)
+    trainer = Trainer(cfg)
+    code = trainer.run()
+    trainer.close()
+    return code
+
+
+def check_before_start(cfg) -> None:
+    """What can be known before any process group, model or data loader exists: the data is there,
+    the global batch splits over the processes the launcher started, the output folder can be written."""
+    from .train import check_batch
+
     config.check_data(cfg)
-    return Trainer(cfg).run()
+    check_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    folder = Path(cfg.train.output_dir).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir={cfg.train.output_dir}: cannot write into {existing} (permissions, or a "
+                          "file where a folder should be): give a train.output_dir you can write")
 
 
 @config.exit_on_error
@@ -131,9 +188,9 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import load_weights
     from .data import DeviceNormalize, num_classes, shard_source
     from .evaluate import knn_evaluate
-    from .models import build_encoder
-    from .outputs import INPUT_KEYS
-    from .train import mixed_precision
+    from .models import build_encoder, describe_encoder
+    from .outputs import write_metrics
+    from .train import close_processes, mixed_precision
 
     argv = _argv(argv)
     cfg = load_config(argv, "knn.py", default_recipe="knn")
@@ -141,36 +198,33 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
         print(config.to_yaml(cfg), end="")
         return 0
     if not cfg.init:
-        raise ConfigError("knn.py needs init=PATH (an encoder's weights) or init=random")
+        raise ConfigError("knn.py needs init=PATH (an encoder's weights) or init=random like=<an export or run "
+                          "folder> for a randomly initialised encoder of the same architecture")
     config.check_data(cfg, ("train", "val"))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.train.precision))
     if cfg.init == "random":
         torch.manual_seed(cfg.train.seed)  # the encoder's initialisation
     encoder = build_encoder(cfg.model, num_classes=0)
+    if accelerator.is_main_process:
+        print(f"{'randomly initialised ' if cfg.init == 'random' else ''}{describe_encoder(encoder)}", flush=True)
     if cfg.init != "random":
-        load_weights(encoder, cfg.init, verbose=accelerator.is_main_process)
-    elif accelerator.is_main_process:
-        shape = encoder.config
-        print(f"init=random: a randomly initialised encoder of recipe {cfg.recipe!r}: {shape['arch']}, "
-              f"{shape.get('embed_dim')} wide, {shape.get('depth')} blocks, {shape.get('patch_size')}-pixel patches, "
-              f"images {shape.get('img_size')} (compare with recipe=<the pre-training recipe> init=random)")
+        load_weights(encoder, cfg.init, verbose=accelerator.is_main_process,
+                     min_encoder_fraction=0.0 if cfg.init_partial else 0.5)
     encoder.to(accelerator.device)
     normalize = DeviceNormalize(cfg.data.mean, cfg.data.std).to(accelerator.device)
     metrics = knn_evaluate(encoder, cfg, accelerator, normalize, num_classes(cfg, shard_source(cfg, "train")))
     if accelerator.is_main_process:
         output = Path(cfg.train.output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        record = {"recipe": cfg.recipe, "init": cfg.init, "protocol": "knn", **metrics,
-                  "model": OmegaConf.to_container(cfg.model),
-                  "data": {k: OmegaConf.to_container(cfg.data)[k] for k in INPUT_KEYS}}
-        (output / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+        (output / "config.yaml").write_text(f"# resolved recipe {cfg.recipe!r}, written by knn.py; reusable as "
+                                            "recipe=<this file>\n" + config.to_yaml(cfg))
+        line = write_metrics(output, cfg, {"protocol": "knn", **metrics})
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             with SummaryWriter(str(output / "tensorboard")) as writer:
                 for key in ("top1", "top5"):
                     writer.add_scalar(f"val/knn_{key}", metrics[key], global_step=0)
-        print(f"k-NN (k={metrics['k']}, T={metrics['temperature']}): top-1 {metrics['top1']:.2f}%, "
-              f"top-5 {metrics['top5']:.2f}% on {metrics['num_samples']} validation samples "
-              f"({metrics['num_train_samples']} training samples as memory); {output / 'metrics.json'}")
+        print(f"{line} ({metrics['num_train_samples']} training samples as memory)")
+    close_processes(accelerator)
     return 0

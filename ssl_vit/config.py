@@ -12,12 +12,15 @@ recipes say only what differs and cite where each value comes from.
 """
 from __future__ import annotations
 
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 MAKE_SHARDS_HINT = ("make shards with `python tools/make_shards.py /path/to/images shards/NAME` and pass "
@@ -38,9 +41,9 @@ class ModelConfig:
     extends this in its file under ssl_vit/models/ and is picked by `model.arch`."""
     arch: str = "vit_base_patch16"       # a named size of a registered family, or timm:NAME
     img_size: Any = 224                   # int, or [height, width]
-    in_chans: int = 3
+    in_chans: int = 3                     # image channels
     num_classes: int = 0                  # 0: features only (classification tasks: from the data)
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = 0.0           # stochastic depth, rising linearly to this at the last block
 
 
 @dataclass
@@ -54,22 +57,23 @@ class TaskConfig:
 class DataConfig:
     name: str = "shards"                  # shards (data.train / data.val) | digits (embedded)
     train: Any = None                     # brace pattern, a::b, [list], pipe: command, or index .json
-    val: Any = None
+    val: Any = None                       # the validation split, as data.train
     batch_size: int = 64                  # per device; optim.batch_size is the global batch
-    num_workers: int = 8
+    num_workers: int = 8                  # loader processes per rank (at most the cores)
     samples_per_epoch: Optional[int] = None  # None: the shard index's count
     shuffle_buffer: int = 5000            # samples, per loader worker
     # worker-side augmentation (ssl_vit/data/transforms.py)
     train_transform: str = "rrc"          # rrc | randaug | eval
     crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
-    hflip: float = 0.5
+    hflip: float = 0.5                    # horizontal-flip probability (training)
     auto_augment: Optional[str] = None    # timm RandAugment spec for randaug, e.g. rand-m9-mstd0.5-inc1
     crop_pct: float = 0.875               # eval: resize to img_size / crop_pct, centre crop
     random_erasing: float = 0.0           # on the device, after normalisation
     train_fraction: float = 1.0           # keep this fraction of the training samples (few-label runs)
+    holdout_fraction: float = 0.0         # hold out this fraction of train to select on (the best epoch / lr) instead of data.val
     repeated_aug: int = 1                 # k augmented views of each decoded sample (DeiT: 3, Hoffer et al. 2020)
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet statistics
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per channel, with data.mean
 
 
 @dataclass
@@ -78,27 +82,31 @@ class OptimConfig:
     batch_size: int = 4096                # global batch, over all devices and accumulation steps
     blr: Optional[float] = 1.5e-4         # base lr: lr = blr * batch_size / lr_base_batch (MAE A.1)
     lr: Optional[float] = None            # absolute lr; set it instead of blr
-    lr_base_batch: int = 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    lr_base_batch: int = 256              # the batch blr is quoted for (MAE 256, DeiT 512)
+    min_lr: float = 0.0                   # where the cosine ends
+    weight_decay: float = 0.05            # decoupled (AdamW); not on biases, norms, tokens, position tables
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's
     momentum: float = 0.9                 # LARS / SGD
-    epochs: float = 800
-    warmup_epochs: float = 40
-    clip_grad: Optional[float] = None
+    epochs: float = 800                   # the schedule's length; fractions allowed
+    warmup_epochs: float = 40             # linear warm-up from 0, then cosine
+    clip_grad: Optional[float] = None     # max global gradient norm; None: no clipping
     layer_decay: Optional[float] = None   # layer-wise lr decay (BEiT, MAE fine-tuning)
+    schedule: str = "cosine"              # after warm-up: cosine (to min_lr) | step (x lr_gamma at each of lr_milestones)
+    lr_milestones: List[float] = field(default_factory=list)  # step schedule: the epochs where the lr drops
+    lr_gamma: float = 0.1                 # step schedule: the factor at each milestone
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/${recipe}"
-    seed: int = 0
-    precision: str = "auto"               # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | no
-    compile: bool = False
-    grad_checkpointing: bool = False
+    output_dir: str = "runs/${recipe}"    # config, logs, checkpoints and exports of the run
+    seed: int = 0                         # initialisation, masks, augmentations, data order
+    precision: str = "auto"               # auto (bf16 where the GPU or CPU has it natively, else fp32) | bf16 | fp16 | no
+    compile: bool = False                 # torch.compile the model
+    sharding: str = "ddp"                 # ddp (a whole copy per rank) | fsdp (FSDP2: blocks sharded over the ranks)
+    grad_checkpointing: bool = False      # recompute the blocks in the backward pass (less memory)
     max_steps: Optional[int] = None       # stop early; the schedule still follows optim.epochs
     checkpoint_every: int = 1000          # optimizer steps
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2             # complete checkpoints kept (the newest)
     max_nonfinite_steps: int = 10         # stop (with a checkpoint) after this many skipped steps in a row
     ema_decay: Optional[float] = None     # keep an exponential moving average of the weights (timm's)
 
@@ -108,7 +116,7 @@ class EvalConfig:
     every_epochs: int = 1                 # classification: evaluate on data.val every N epochs (0: at the end only)
     batch_size: Optional[int] = None      # None: data.batch_size
     knn_k: int = 20                       # k-NN monitor (DINO, Caron et al. 2021): k and temperature
-    knn_temperature: float = 0.07
+    knn_temperature: float = 0.07         # the vote's temperature
     knn_every: int = 0                    # steps between k-NN evaluations during training (0: off)
 
 
@@ -116,16 +124,18 @@ class EvalConfig:
 class LogConfig:
     every: int = 20                       # optimizer steps between scalar logs
     images_every: int = 1000              # optimizer steps between image logs
-    tensorboard: bool = True
+    tensorboard: bool = True              # write TensorBoard events into output_dir/tensorboard
 
 
 @dataclass
 class Config:
-    recipe: str = ""
+    recipe: str = ""                      # a recipe name (recipes/NAME.yaml) or a .yaml path
     imports: List[str] = field(default_factory=list)  # modules or .py files registering tasks / encoders of your own
     init: Optional[str] = None            # weights to start from: a path, or "random"
+    like: Optional[str] = None            # with init=random: take the architecture and input of this export or run folder
+    init_partial: bool = False            # accept an init file that leaves most of the encoder as initialised
     resume: str = "auto"                  # auto (newest checkpoint in output_dir) | false | PATH
-    print_config: bool = False
+    print_config: bool = False            # print the resolved config and exit
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -140,7 +150,9 @@ CHOICES = {
     "data.name": ("shards", "digits"),
     "data.train_transform": ("rrc", "randaug", "eval"),
     "optim.name": ("adamw", "lars"),
+    "optim.schedule": ("cosine", "step"),
     "train.precision": ("auto", "bf16", "fp16", "no"),
+    "train.sharding": ("ddp", "fsdp"),
 }
 
 # Sections whose keys depend on a value in them: `task:` on task.name (each task's own Config) and
@@ -179,6 +191,27 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be positive")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    try:  # an interpolation that names nothing (train.output_dir='${oops}') stops here, not mid-run
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', None) or 'a value'}: {str(e).splitlines()[0]}") from None
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        raise ConfigError(f"train.max_steps={cfg.train.max_steps} must be positive (train.max_steps=null runs the "
+                          "whole schedule)")
+    for key in ("optim.blr", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad", "optim.momentum",
+                "optim.epochs", "optim.warmup_epochs"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number")
+    for key in ("optim.blr", "optim.lr", "optim.clip_grad"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    for key in ("optim.min_lr", "optim.weight_decay"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 0")
+    if not 0 <= cfg.optim.momentum < 1 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.momentum={cfg.optim.momentum} and optim.betas={list(cfg.optim.betas)} must be in [0, 1)")
     if cfg.optim.blr is None and cfg.optim.lr is None:
         raise ConfigError("set optim.blr (scaled by the global batch) or optim.lr (absolute)")
     if cfg.optim.blr is not None and cfg.optim.lr is not None:
@@ -186,6 +219,12 @@ def validate(cfg: DictConfig) -> None:
                           "(pass optim.blr=null to use an absolute lr)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={_show(cfg.optim.betas)} must hold two values, e.g. optim.betas=[0.9,0.95]")
+    if cfg.optim.schedule == "step" and (not cfg.optim.lr_milestones or not 0 < cfg.optim.lr_gamma < 1):
+        raise ConfigError(f"optim.schedule=step needs optim.lr_milestones (epochs, e.g. [700]) and 0 < optim.lr_gamma "
+                          f"< 1 (given {list(cfg.optim.lr_milestones)}, {cfg.optim.lr_gamma})")
+    if cfg.optim.schedule == "cosine" and cfg.optim.lr_milestones:
+        raise ConfigError(f"optim.lr_milestones={list(cfg.optim.lr_milestones)} is for optim.schedule=step; the "
+                          "cosine schedule would ignore it")
     if cfg.optim.epochs <= 0 or not 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs:
         raise ConfigError(f"need 0 <= optim.warmup_epochs ({cfg.optim.warmup_epochs}) <= optim.epochs "
                           f"({cfg.optim.epochs}) and optim.epochs > 0")
@@ -194,6 +233,13 @@ def validate(cfg: DictConfig) -> None:
         if spec is not None and not isinstance(spec, str) and not (
                 OmegaConf.is_list(spec) and all(isinstance(s, str) for s in spec)):
             raise ConfigError(f"data.{split}={_show(spec)}: give a shard pattern, a list of shards or an index .json")
+        if spec and cfg.data.name == "digits":  # the embedded set would be used and the shards ignored
+            shown = spec if isinstance(spec, str) else _show(spec)
+            raise ConfigError(f"data.{split}={shown} is given but data.name=digits reads the embedded digits "
+                              "set and would ignore it: add data.name=shards to use your shards")
+    if cfg.like and cfg.init != "random":
+        raise ConfigError(f"like={cfg.like} describes the encoder of a random baseline: it goes with init=random "
+                          f"(init={cfg.init} is read as it is)")
     scale = list(cfg.data.crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.crop_scale={scale}: need [min, max] with 0 < min <= max <= 1, e.g. [0.2,1.0]")
@@ -203,8 +249,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.crop_pct={cfg.data.crop_pct} must be in (0, 1]")
     if not 0 < cfg.data.train_fraction <= 1:
         raise ConfigError(f"data.train_fraction={cfg.data.train_fraction} must be in (0, 1]")
+    if not 0 <= cfg.data.holdout_fraction < 1:
+        raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} must be in [0, 1), e.g. 0.1")
     if cfg.data.repeated_aug < 1:
         raise ConfigError(f"data.repeated_aug={cfg.data.repeated_aug} must be >= 1 (1: off; DeiT uses 3)")
+    if cfg.train.sharding == "fsdp":
+        unsupported = [key for key, on in (("train.ema_decay", cfg.train.ema_decay is not None),
+                                           ("train.compile=true", cfg.train.compile),
+                                           ("train.precision=fp16", cfg.train.precision == "fp16")) if on]
+        if unsupported:
+            raise ConfigError(f"train.sharding=fsdp does not go with {', '.join(unsupported)} here (an EMA of "
+                              "sharded weights, compiling sharded blocks and fp16 loss scaling are not built): use "
+                              "bf16, or train.sharding=ddp")
     if cfg.train.ema_decay is not None and not 0 < cfg.train.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be in (0, 1), e.g. 0.9999")
     if cfg.eval.knn_k <= 0 or cfg.eval.knn_temperature <= 0 or cfg.eval.every_epochs < 0 or cfg.eval.knn_every < 0:
@@ -222,19 +278,22 @@ def validate(cfg: DictConfig) -> None:
 
 
 def check_data(cfg: DictConfig, splits: Optional[Sequence[str]] = None) -> None:
-    """The checks a run needs and `print_config` does not: the data the recipe must be given
-    (by default the splits the recipe's task needs)."""
+    """The checks a run needs and `print_config` does not, before anything is built: the data the
+    recipe must be given (by default the splits the recipe's task needs), found where it says."""
     if splits is None:
         from .tasks import task_class
 
         splits = task_class(cfg.task.name).required_splits(cfg)
     if cfg.data.name != "shards":
         return
+    from .data import shard_source
+
     for split in splits:
         if not cfg.data[split]:
             raise ConfigError(f"data.{split} is required by recipe {cfg.recipe!r} (data.name=shards): "
                               + MAKE_SHARDS_HINT
                               + " -- or try the embedded digits data with data.name=digits")
+        shard_source(cfg, split)  # the shards exist (a folder of images says how to make them)
 
 
 def _show(value: Any) -> str:
@@ -242,16 +301,30 @@ def _show(value: Any) -> str:
 
 
 def exit_on_error(fn):
-    """Decorator for command-line entry points: a ConfigError becomes one line on stderr, exit 2."""
+    """Decorator for command-line entry points: a ConfigError (or a file that cannot be loaded: a
+    CheckpointError) becomes one line on stderr, from the main process only, and exit code 2."""
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (ConfigError, RuntimeError) as e:
+            from .models.base import CheckpointError  # (imported only now: it imports torch)
+
+            if not isinstance(e, (ConfigError, CheckpointError)):
+                raise
+            if int(os.environ.get("RANK", "0")) == 0:  # one line, once, whatever the number of processes
+                print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
 
 
 # loading lives in recipe_loading.py; `config.load(...)` is how the rest of ssl_vit calls it
-from .recipe_loading import available_recipes, command_line_keys, help_text, load, to_yaml  # noqa: E402,F401
+_LOADING = ("load", "available_recipes", "command_line_keys", "to_yaml", "help_text")
+
+
+def __getattr__(name: str):
+    if name in _LOADING:
+        from . import recipe_loading
+
+        return getattr(recipe_loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,12 +29,12 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch
 
 @torch.no_grad()
 def evaluate(predict: Callable[[dict], Logits], batches: Iterable[dict], *, device, normalize=None,
-             accelerator=None) -> list[dict]:
+             accelerator=None, description: str = "evaluating") -> list[dict]:
     """Top-1 / top-5 (percent) of `predict` over a split; `predict` takes the batch on the device,
     its images normalised (or cached features, `features`). It may return several logits (one per
     head, e.g. a learning-rate sweep): one result per head."""
     counts, total = None, torch.zeros(1, device=device)
-    for batch in batches:
+    for batch in progress(batches, description, accelerator):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         if normalize is not None and "images" in batch:
             batch["images"] = normalize(batch["images"])
@@ -54,11 +54,12 @@ def evaluate(predict: Callable[[dict], Logits], batches: Iterable[dict], *, devi
 
 @torch.no_grad()
 def extract_features(features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict], *, device,
-                     normalize=None, accelerator=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                     normalize=None, accelerator=None, description: str = "extracting features"
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Features, labels and keys of a whole split, gathered from every rank (each sample once),
     sorted by key so that the result does not depend on the number of processes."""
     feats, labels, keys = [], [], []
-    for batch in batches:
+    for batch in progress(batches, description, accelerator):
         images = batch["images"].to(device, non_blocking=True)
         feats.append(features(normalize(images) if normalize is not None else images).float())
         labels.append(batch["labels"].to(device))
@@ -70,6 +71,20 @@ def extract_features(features: Callable[[torch.Tensor], torch.Tensor], batches: 
     order = sorted(range(len(keys)), key=keys.__getitem__)
     index = torch.tensor(order, dtype=torch.long, device=feats.device)
     return feats[index], labels[index], [keys[i] for i in order]
+
+
+def progress(batches: Iterable[dict], description: str, accelerator=None) -> Iterable[dict]:
+    """A progress bar over a pass (images counted), on the main process only; its length is the
+    split's size when the loader knows it (this rank's share, times the ranks)."""
+    from tqdm import tqdm
+
+    main = accelerator is None or accelerator.is_main_process
+    total = getattr(batches, "num_samples", None)
+    world = accelerator.num_processes if accelerator is not None else 1
+    with tqdm(total=total, desc=description, unit="img", disable=not main, leave=False, dynamic_ncols=True) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch["labels"]) * world)
 
 
 def _gather_uneven(feats: torch.Tensor, labels: torch.Tensor, keys: list[str], accelerator):
@@ -121,17 +136,19 @@ def knn_accuracy(features: Callable[[torch.Tensor], torch.Tensor], train_batches
                  k: int = 20, temperature: float = 0.07) -> dict:
     """Top-1 / top-5 of the k-NN classifier on the validation split, the training split as memory."""
     bank, bank_labels, _ = extract_features(features, train_batches, device=device, normalize=normalize,
-                                            accelerator=accelerator)
+                                            accelerator=accelerator, description="k-NN: features of the memory")
     results = evaluate(lambda batch: knn_predict(bank, bank_labels, features(batch["images"]), num_classes=num_classes,
                                                  k=k, temperature=temperature),
-                       val_batches, device=device, normalize=normalize, accelerator=accelerator)[0]
+                       val_batches, device=device, normalize=normalize, accelerator=accelerator,
+                       description="k-NN: classifying data.val")[0]
     return {**results, "k": k, "temperature": temperature, "num_train_samples": int(bank.shape[0])}
 
 
-def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int) -> dict:
+def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int, features=None) -> dict:
     """The k-NN protocol on a recipe's splits for an encoder's pooled features (what its head would
-    read): data.train as memory, data.val as queries, eval.knn_k and eval.knn_temperature. The
-    monitor inside training and tools/knn.py both run this."""
+    read; `features(images)`, by default the encoder's own): data.train as memory, data.val as
+    queries, eval.knn_k and eval.knn_temperature. The monitor inside training (the task's `features`)
+    and tools/knn.py both run this."""
     from .data import build_eval_loader
 
     batch_size = cfg.eval.batch_size or cfg.data.batch_size
@@ -141,8 +158,8 @@ def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int) -> dict
     encoder.eval()
     try:
         with accelerator.autocast():
-            return knn_accuracy(lambda x: encoder.forward_head(encoder.forward_features(x), pre_logits=True),
-                                train, val, num_classes=num_classes, device=accelerator.device, normalize=normalize,
+            features = features or (lambda x: encoder.forward_head(encoder.forward_features(x), pre_logits=True))
+            return knn_accuracy(features, train, val, num_classes=num_classes, device=accelerator.device, normalize=normalize,
                                 accelerator=accelerator, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     finally:
         encoder.train(was_training)
@@ -150,40 +167,44 @@ def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int) -> dict
 
 class Evaluator:
     """What the training loop measures for its task (the task's `evaluation`), the same way on 1 or
-    N processes: "top-k": its predict() on data.val (or the task's own validation batches), summarised
-    by the task (a linear probe's sweep reports its best head), and the EMA weights' too; "knn": the
-    k-NN monitor of the encoder's features. Calling it returns flat metrics, prefixed by what they
-    measure (`knn_` for the monitor)."""
+    N processes, as one flat dict with its `protocol`:
+        "top-k": its predict() on data.val (or the task's own validation batches), summarised by the
+                 task (a linear probe's sweep reports its best head); with data.holdout_fraction the
+                 choices (best head, best model) are made on the held-out training images instead of
+                 data.val; the EMA weights' accuracy too (`ema_top1`, ...)
+        "knn":   the k-NN monitor of the encoder's features (data.train as memory, data.val as queries)"""
 
     def __init__(self, cfg, task, accelerator, normalize, num_classes: int):
         self.cfg, self.task, self.accelerator, self.normalize = cfg, task, accelerator, normalize
         self.num_classes = num_classes
         self.batch_size = cfg.eval.batch_size or cfg.data.batch_size
 
-    def accuracy(self, module=None) -> list[dict]:
+    def accuracy(self, module=None, split: str = "val") -> list[dict]:
         from .data import build_eval_loader
 
         module = module or self.task
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        batches = module.validation_batches(rank, world, self.batch_size)
+        batches = module.validation_batches(rank, world, self.batch_size, split=split)
         normalize = None
         if batches is None:
-            batches = build_eval_loader(self.cfg, "val", rank=rank, world_size=world, batch_size=self.batch_size)
+            batches = build_eval_loader(self.cfg, split, rank=rank, world_size=world, batch_size=self.batch_size)
             normalize = self.normalize
         was_training = module.training
         module.eval()
         try:
             with self.accelerator.autocast():
                 return evaluate(module.predict, batches, device=self.accelerator.device, normalize=normalize,
-                                accelerator=self.accelerator)
+                                accelerator=self.accelerator, description=f"evaluating on {split}")
         finally:
             module.train(was_training)
 
     def __call__(self, ema_module=None) -> dict:
         if self.task.evaluation == "knn":
-            metrics = knn_evaluate(self.task.encoder, self.cfg, self.accelerator, self.normalize, self.num_classes)
-            return {f"knn_{k}": v for k, v in metrics.items()}
-        metrics = self.task.summarize(self.accuracy())
+            metrics = knn_evaluate(self.task.encoder, self.cfg, self.accelerator, self.normalize, self.num_classes,
+                                   features=self.task.features)
+            return {"protocol": "knn", **metrics}
+        selection = self.accuracy(split="holdout") if self.cfg.data.holdout_fraction > 0 else None
+        metrics = {"protocol": "top-k", **self.task.summarize(self.accuracy(), selection)}
         if ema_module is not None:
             metrics.update({f"ema_{k}": v for k, v in self.accuracy(ema_module)[0].items()})
         return metrics

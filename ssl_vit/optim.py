@@ -18,17 +18,22 @@ from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
 @dataclass(frozen=True)
 class Schedule:
-    """Linear warm-up from 0, then half-cosine to min_lr, per optimizer step (MAE's lr_sched.py,
-    with the fractional epoch counted in steps)."""
+    """Linear warm-up from 0, then per optimizer step either a half-cosine to min_lr (MAE's
+    lr_sched.py, with the fractional epoch counted in steps) or, with `milestones` (steps), the lr
+    multiplied by `gamma` at each (SimMIM's multistep schedule)."""
     base_lr: float
     min_lr: float
     warmup_steps: int
     total_steps: int
+    milestones: tuple = ()
+    gamma: float = 0.1
 
     def __call__(self, step: int) -> float:
         """The lr of the update that follows `step` completed updates."""
         if step < self.warmup_steps:
             return self.base_lr * step / self.warmup_steps
+        if self.milestones:
+            return self.base_lr * self.gamma ** sum(step >= milestone for milestone in self.milestones)
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         progress = min(progress, 1.0)
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))

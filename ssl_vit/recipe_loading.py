@@ -9,7 +9,7 @@ import sys
 import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -70,12 +70,13 @@ def import_plugins(names: Sequence[str], relative_to: Optional[Path] = None) -> 
 
 def load(argv: Sequence[str], schema: type = Config, command: str = "pretrain.py",
          default_recipe: Optional[str] = None, adopted: Optional[tuple[str, dict[str, Any]]] = None,
-         check: bool = True) -> DictConfig:
+         check: bool = True, recipes: Optional[Callable[[], Sequence[str]]] = None) -> DictConfig:
     """Parse `recipe=NAME key=value ...` into a validated, typed config; `--help` prints the keys.
     `adopted`: (where from, {key: value}) settings a tool takes from a file (the JSON beside init=),
-    applied over the recipe and under the command line. `check=False` skips `validate`."""
+    applied over the recipe and under the command line. `check=False` skips `validate`. `recipes`:
+    the recipes the command runs, for `--help`."""
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(help_text(command, schema))
+        print(help_text(command, schema, recipes() if recipes is not None else None))
         raise SystemExit(0)
     args = _parse_args(argv)
     recipe = args.pop("recipe", default_recipe)
@@ -143,6 +144,26 @@ def _merge_selected(section: str, selector: str, default: str, sources, general:
         given = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(given), part))
     node = OmegaConf.structured(schema)
     return OmegaConf.merge(node, given) if given else node
+
+
+def recipe_task(recipe: str) -> Optional[str]:
+    """The task.name a recipe (with its base chain) selects, read from its files only."""
+    name = Config().task.name
+    for path in _recipe_chain(recipe):
+        task = _read_recipe(path).get("task")
+        if isinstance(task, DictConfig) and "name" in task:
+            name = task["name"]
+    return name
+
+
+def recipe_header(recipe: str) -> str:
+    """The first sentence of a recipe's header comment (what it is), on at most two lines."""
+    lines = [line.lstrip("#").strip() for line in _find_recipe(recipe).read_text().splitlines()
+             if line.startswith("#")]
+    text = lines[0] if lines else ""
+    if len(lines) > 1 and not text.endswith((".", ":")) and ":" not in lines[1].split(" ")[0]:
+        text += " " + lines[1]
+    return text
 
 
 def command_line_keys(argv: Sequence[str]) -> set[str]:
@@ -327,15 +348,20 @@ def _expected_type(kind: Any) -> str:
     return text
 
 
-def help_text(command: str, schema: type = Config) -> str:
-    """Usage, the available recipes and every key with its default (for `--help`); the keys of
-    `task:` and `model:` for each registered task and encoder family."""
+def help_text(command: str, schema: type = Config, recipes: Optional[Sequence[str]] = None) -> str:
+    """Usage, the recipes (each with its header line; `recipes`: the ones this command runs) and every
+    key with its default and what it does (for `--help`); the `task:` and `model:` keys of each
+    registered task and encoder family."""
     from .models import registered_families
     from .tasks import registered_tasks
 
+    recipes = available_recipes() if recipes is None else list(recipes)
+    width = max((len(name) for name in recipes), default=0)
     lines = [f"usage: {command} recipe=NAME [key=value ...] [print_config=true]", "",
-             f"recipes: {', '.join(available_recipes())} (or recipe=path/to/file.yaml)", "",
-             "keys and their defaults (a recipe overrides them; key=value overrides the recipe):"]
+             "recipes (or recipe=path/to/file.yaml):"]
+    lines += [f"  {name:<{width}}  {recipe_header(name)}" for name in recipes]
+    lines += ["", "keys, their defaults and what they do (a recipe overrides the defaults; key=value overrides the "
+              "recipe):"]
     lines += _key_lines(schema)
     for name, cls in registered_tasks().items():
         lines += ["", f"task.name={name}: {_first_line(cls.__doc__)}"] + _key_lines(cls.Config, "task.")
@@ -347,14 +373,40 @@ def help_text(command: str, schema: type = Config) -> str:
 
 def _key_lines(schema: type, prefix: str = "") -> list[str]:
     defaults = OmegaConf.structured(schema)
-    lines = []
+    described = key_descriptions(schema)
+    rows = []
     for key in _leaf_keys(schema):
         if not prefix and key.split(".")[0] in SELECTED_SECTIONS:
             continue
         value = OmegaConf.select(defaults, key, throw_on_missing=False)
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-        lines.append(f"  {prefix}{key} = {value}")
-    return lines
+        rows.append((f"{prefix}{key} = {value}", described.get(key, "")))
+    width = min(44, max((len(left) for left, _ in rows), default=0))
+    return [f"  {left:<{width}}  {text}".rstrip() for left, text in rows]
+
+
+def key_descriptions(schema: type, prefix: str = "") -> dict[str, str]:
+    """{key: the comment written beside the field in its dataclass}: the schema is the one place a
+    key is documented (what `--help` prints)."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for cls in reversed(schema.__mro__[:-1]):  # a subclass's comment wins over its base's
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE):
+            comments[match.group(1)] = match.group(2).strip()
+    described = {}
+    for f in fields(schema):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            described.update(key_descriptions(type(default), prefix + f.name + "."))
+        else:
+            described[prefix + f.name] = comments.get(f.name, "")
+    return described
 
 
 def _first_line(text: Optional[str]) -> str:

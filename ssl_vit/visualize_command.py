@@ -7,7 +7,7 @@
          -> the task that reconstructs (reconstruct: the file's, e.g. MAE with its decoder) or the
             encoder (attention: its family's `attention_maps`), weights loaded
     images=a.jpg,b*.png  each resized and centre-cropped as the eval transform (data.crop_pct)
-    or a shard split     the first num_images images of data.val (data.name=digits: the embedded set)
+    or a shard split     num_images images spread over data.val (data.name=digits: the embedded set)
          -> ssl_vit/pictures.py draws the grid -> out (PNG)
 """
 from __future__ import annotations
@@ -34,13 +34,15 @@ usage: python tools/visualize.py reconstruct init=PATH [images=A,B,... | data.na
 
 Pictures of what a model does, written as one PNG with a row per image.
 
-  reconstruct   MAE reconstructions (He et al. 2022, figures 2-4), columns: original | masked input |
-                reconstruction | reconstruction with the visible patches pasted back. Only the masked
-                patches are trained (the loss ignores the visible ones), so the last column is the
-                one to judge. With models trained on per-patch normalised pixels (task.norm_pix_loss)
-                the prediction is de-normalised with the mean and variance of each input patch.
-                init: the model.safetensors of an MAE run (encoder + decoder; not backbone.safetensors)
-                or an official MAE checkpoint with its decoder (mae_visualize_vit_large.pth).
+  reconstruct   reconstructions of a model that predicts masked pixels: MAE (He et al. 2022,
+                figures 2-4) or SimMIM; columns: original | masked input | reconstruction |
+                reconstruction with the visible patches pasted back. Only the masked patches are
+                trained (the loss ignores the visible ones), so the last column is the one to judge.
+                With models trained on per-patch normalised pixels (task.norm_pix_loss) the
+                prediction is de-normalised with the mean and variance of each input patch.
+                init: the model.safetensors of an MAE or SimMIM run (with its decoder or head; not
+                backbone.safetensors) or an official MAE checkpoint with its decoder
+                (mae_visualize_vit_large.pth).
   attention     where the class token looks, columns: original | mean over heads | each head (of
                 block `layer`) | rollout (with --rollout: attention rolled out through every block,
                 Abnar & Zuidema 2020). Heat maps are stretched to each map's own range (dark: little
@@ -53,9 +55,9 @@ options:
                      it (num_heads from the named size with that width and depth, or model.num_heads=).
   images=LIST        image files or globs, comma-separated (images='photos/*.jpg,cat.png'); each is
                      resized to model.img_size / data.crop_pct and centre-cropped (the eval transform).
-  data.name=digits   or data.val=SHARDS: instead of files, the first num_images images of a shard split.
+  data.name=digits   or data.val=SHARDS: instead of files, num_images images spread evenly over a shard split.
   split=val          the split read with data.name / data.val (val or train).
-  num_images=8       images taken from the split.
+  num_images=8       images taken from the split, spread evenly over it.
   out=PATH           the PNG to write (default: reconstruct.png or attention.png).
   scale=N            upscale each tile N times (nearest); default: enough for tiles of at least 128 px.
   seed=0             reconstruct: the masks come from this seed; the same seed gives the same masks.
@@ -250,7 +252,7 @@ def _build_model(mode: str, cfg, checkpoint: dict, task):
 
 def load_images(cfg):
     """uint8 [N, 3, H, W] at model.img_size: the files of `images=`, through the eval transform
-    (resize to img_size / data.crop_pct, centre crop), or the first num_images of a shard split."""
+    (resize to img_size / data.crop_pct, centre crop), or num_images spread over a shard split."""
     import torch
 
     from .data.loaders import image_size
@@ -290,18 +292,42 @@ def image_paths(spec) -> list[Path]:
 
 
 def _split_images(cfg):
-    from .data import build_eval_loader
+    """num_images images spread evenly over a shard split (a split written class by class still shows
+    several classes); only those are decoded."""
+    import torch
+    from webdataset.tariterators import tarfile_samples
+
+    from .data import shard_source
+    from .data.loaders import image_size
+    from .data.transforms import IMAGE_KEYS, build_transform
 
     split = cfg.split
     if split not in ("train", "val"):
         raise ConfigError(f"split={split!r}: use val or train")
     if cfg.data.name != "digits" and not cfg.data[split]:
         raise ConfigError(f"no images: give images=PATH[,PATH...] (files or globs), or a shard split with "
-                          f"data.name=digits or data.{split}=SHARDS (the first num_images={cfg.num_images} are drawn)")
+                          f"data.name=digits or data.{split}=SHARDS (num_images={cfg.num_images} spread over it are drawn)")
     if cfg.num_images <= 0:
         raise ConfigError(f"num_images={cfg.num_images} must be positive")
-    cfg.data.num_workers = 0  # one batch: no worker processes to start
-    batch = next(iter(build_eval_loader(cfg, split, batch_size=cfg.num_images)), None)
-    if batch is None:
+    source = shard_source(cfg, split)
+    positions = spread(source.num_samples, cfg.num_images)
+    transform = build_transform(cfg.data, image_size(cfg), training=False)
+    images = []
+    for index, sample in enumerate(tarfile_samples({"url": url} for url in source.urls)):
+        if index in positions:
+            key = next((k for k in IMAGE_KEYS if k in sample), None)
+            if key is not None:
+                images.append(transform(sample[key]))
+        if len(images) == len(positions) or index >= max(positions):
+            break
+    if not images:
         raise ConfigError(f"the {split} split holds no images")
-    return batch["images"]
+    return torch.stack(images)
+
+
+def spread(total, count: int) -> set[int]:
+    """`count` sample positions spread evenly over a split of `total` (the first `count` when the
+    split's size is unknown)."""
+    if not total or total <= count:
+        return set(range(count))
+    return {round(i * total / count) for i in range(count)}

@@ -65,7 +65,7 @@ class ToyRotation(Task):
         rotated = torch.stack([torch.rot90(image, int(k) * 4 // self.rotations, dims=(1, 2))
                                for image, k in zip(images, turns)])
         logits = self.head(self.encoder.forward_head(self.encoder.forward_features(rotated), pre_logits=True))
-        accuracy = 100.0 * (logits.argmax(1) == turns).float().mean().item()
+        accuracy = 100.0 * (logits.argmax(1) == turns).float().mean()  # stays on the device
         return TaskOutput(loss=F.cross_entropy(logits.float(), turns), metrics={"rotation_top1": accuracy})
 
 
@@ -137,6 +137,7 @@ class ToyConv(EncoderFamily):
 TINY_VIT = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8"]
 TASK_RECIPES = {  # a CPU-sized recipe of each task
     "mae": ["recipe=mae_tiny_digits", *TINY_VIT, "task.decoder_dim=32", "task.decoder_depth=1", "task.decoder_heads=2"],
+    "simmim": ["recipe=simmim_digits", *TINY_VIT],
     "classify": ["recipe=finetune_digits", *TINY_VIT],
     "linear_probe": ["recipe=linprobe_digits", *TINY_VIT],
     "distill": ["recipe=deit_tiny_distilled_digits", *TINY_VIT, "task.distillation=none"],
@@ -184,6 +185,8 @@ def test_every_task_honours_the_contract(name, tmp_path):
 
 FAMILY_OPTIONS = {"vit": ("vit_tiny_patch16", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)),
                   "timm": ("timm:resnet18", dict(img_size=32)),
+                  "beit": ("beit_base_patch16", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                                     use_shared_rel_pos_bias=True)),
                   "toy_conv": ("toy_conv", dict(width=8, depth=2))}
 
 
@@ -247,7 +250,8 @@ def test_a_task_defined_outside_the_package_trains_resumes_and_exports(tmp_path,
     saved = config.load([f"recipe={out / 'config.yaml'}"])  # the saved config names the plugin file
     assert saved.task.name == "toy_rotation" and saved.task.rotations == 4 and str(THIS_FILE) in saved.imports
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["task"] == "toy_rotation" and metrics["knn_num_samples"] == 360  # the k-NN monitor, generic
+    assert metrics["task"] == "toy_rotation" and metrics["num_samples"] == 360  # the k-NN monitor, generic
+    assert metrics["protocol"] == "knn"
     # the exports: the encoder (timm keys, loads in timm) and the task with its own head
     encoder = create_encoder(**json.loads((out / "backbone.json").read_text())["encoder"])
     load_weights(encoder, out / "backbone.safetensors", strict=True, verbose=False)
@@ -270,7 +274,7 @@ def test_an_encoder_family_defined_outside_the_package_trains_resumes_and_export
     out = tmp_path / "run"
     _pretrain(recipe, out, env, "train.max_steps=2", "train.checkpoint_every=1", "log.images_every=1")
     result = _pretrain(recipe, out, env, "train.max_steps=4", "train.checkpoint_every=1", "log.images_every=1")
-    assert "resumed from" in result.stdout and "task classify on toy_conv" in result.stdout
+    assert "resumed from" in result.stdout and "task classify on a toy_conv encoder" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 4 and metrics["num_samples"] == 360 and "top1" in metrics
     description = json.loads((out / "model.json").read_text())

@@ -255,12 +255,16 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(tmp_path, 
     assert len(list(make_loader(train, 0))) == 12
 
 
-def test_a_stream_with_no_readable_sample_stops_with_an_error(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stream_with_no_readable_sample_stops_with_an_error(tmp_path, workers):
+    from ssl_vit.config import ConfigError
+    from ssl_vit.data.loaders import checked
+
     bad = tmp_path / "bad-000.tar"
     bad.write_bytes(b"this is not a tar file at all" * 40)
     stream = ShardStream([str(bad)], _identity_transform, batch_size=2, training=True, batches_per_epoch=2)
-    with pytest.raises(RuntimeError, match="no readable samples"):
-        list(make_loader(stream, 0))
+    with pytest.raises(ConfigError, match=r"no readable samples in 1 shard\(s\), e.g. .*bad-000.tar"):
+        list(checked(make_loader(stream, workers)))  # from a worker too: one line, not its traceback
 
 
 # -------------------------------------------------------------------------------------------
@@ -419,3 +423,27 @@ def test_recipe_repeated_augmentation_on_digits(tmp_path, monkeypatch):
     batches = list(data.epoch(0))
     assert len(batches) == 4 and batches[0]["keys"] == batches[1]["keys"] != batches[2]["keys"]
     assert not torch.equal(batches[0]["images"], batches[1]["images"])
+
+
+def test_a_transform_of_several_views_fills_several_batch_keys(tmp_path):
+    """A task's own transform (BEiT: a model view and a tokenizer view of one crop) returns a dict;
+    each key becomes a stacked batch entry."""
+    from ssl_vit.data.writer import Item, write_shards
+
+    items = []
+    for i in range(6):
+        png = tmp_path / f"{i}.png"
+        Image.new("RGB", (8, 8), (40 * i,) * 3).save(png)
+        items.append(Item(str(png), i % 2, f"s{i}"))
+    index = write_shards(items, ["a", "b"], tmp_path / "views", shuffle=False, progress=False)
+
+    def two_views(data):
+        image = decode_uint8(data)
+        return {"images": image, "small": image[:, ::2, ::2]}
+
+    urls = [str(tmp_path / name) for name in index["shards"]]
+    stream = ShardStream(urls, two_views, batch_size=3, training=False, counts=index["counts"])
+    batches = list(make_loader(stream, 0))
+    assert [b["images"].shape for b in batches] == [(3, 3, 8, 8)] * 2
+    assert [b["small"].shape for b in batches] == [(3, 3, 4, 4)] * 2
+    assert torch.equal(batches[0]["small"], batches[0]["images"][:, :, ::2, ::2])

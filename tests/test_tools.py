@@ -29,18 +29,18 @@ def metrics(out):
 
 def test_knn_is_the_same_on_one_and_two_processes(tmp_path, env, backbone):
     one = run([*tool("knn"), f"init={backbone}", "data.name=digits", f"train.output_dir={tmp_path / 'one'}"], env)
-    assert "k-NN (k=20, T=0.07): top-1" in one.stdout
+    assert "final: k-NN (k=20, T=0.07) top-1" in one.stdout
     two = run([*TORCHRUN, "29551", str(ROOT / "tools" / "knn.py"), f"init={backbone}", "data.name=digits",
                f"train.output_dir={tmp_path / 'two'}"], env)
     assert two.stdout.count("k-NN") == 1
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert a["num_samples"] == b["num_samples"] == 360 and a["num_train_samples"] == b["num_train_samples"] == 1437
     assert a["top1"] == pytest.approx(b["top1"]) and a["top5"] == pytest.approx(b["top5"])
-    assert a["model"]["embed_dim"] == 32  # adopted from the export's JSON
+    assert a["protocol"] == "knn" and a["provenance"]["model"]["embed_dim"] == 32  # adopted from the export's JSON
     assert any((tmp_path / "one" / "tensorboard").iterdir())
     assert "data.crop_pct" in one.stdout  # the backbone's input settings too (digits: mean 0.5, whole image)
     config_used = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    assert config_used["data"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0}
+    assert config_used["provenance"]["input"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0}
 
 
 def test_linear_probe_with_cached_features(tmp_path, env, backbone):
@@ -71,7 +71,7 @@ def test_linear_probe_of_a_random_encoder_with_augmentation(tmp_path, env):
     result = run([*tool("linear_probe"), "recipe=linprobe_digits", "init=random", f"train.output_dir={out}",
                   "train.max_steps=3", "data.train_transform=rrc", "data.batch_size=64", "optim.batch_size=128"], env)
     m = metrics(out)
-    assert m["num_samples"] == 360 and m["init"] == "random" and 0 <= m["top1"] <= 100
+    assert m["num_samples"] == 360 and m["provenance"]["init"] == "random" and 0 <= m["top1"] <= 100
     assert "cached the train features" not in result.stdout and "runs at every step" in result.stdout
 
 
@@ -150,6 +150,8 @@ normalize = DeviceNormalize(cfg.data.mean, cfg.data.std)
 result = Evaluator(cfg, task, accelerator, normalize, 10)()
 if accelerator.is_main_process:
     json.dump(result, open({out!r}, "w"))
+from ssl_vit.train import close_processes
+close_processes(accelerator)
 """
 
 

@@ -65,6 +65,17 @@ def test_schedule_is_linear_warmup_then_cosine():
     assert schedule(110) == pytest.approx(0.1) and schedule(500) == pytest.approx(0.1)
 
 
+def test_the_step_schedule_drops_at_its_milestones():
+    schedule = Schedule(base_lr=1.0, min_lr=0.0, warmup_steps=10, total_steps=100, milestones=(50, 80), gamma=0.1)
+    assert schedule(5) == pytest.approx(0.5) and schedule(10) == schedule(49) == 1.0
+    assert schedule(50) == pytest.approx(0.1) and schedule(79) == pytest.approx(0.1) and schedule(80) == pytest.approx(0.01)
+    cfg = config.load(["recipe=simmim_vit_base"])  # SimMIM's: / 10 at epoch 700 of 800
+    plan = make_plan(cfg, world_size=16, samples_per_epoch=1281167)
+    assert plan.milestones == (700 * plan.steps_per_epoch,)
+    with pytest.raises(config.ConfigError, match="optim.schedule=step needs optim.lr_milestones"):
+        config.load(["recipe=mae_base", "optim.schedule=step"])
+
+
 def test_a_short_run_trains_logs_checkpoints_and_exports(tmp_path, cache):
     out = tmp_path / "run"
     result = pretrain(out, cache, "train.max_steps=6", "train.checkpoint_every=4", "log.images_every=3")
@@ -79,8 +90,8 @@ def test_a_short_run_trains_logs_checkpoints_and_exports(tmp_path, cache):
     assert all(key in lines[0] for key in ("loss", "lr", "grad_norm", "img_s", "epoch"))
     # the k-NN monitor of mae_tiny_digits evaluates the final encoder, on the whole validation split
     (final,) = log_lines(out, evaluations=True)
-    assert final["step"] == 6 and final["eval"]["knn_num_samples"] == 360
-    assert json.loads((out / "metrics.json").read_text())["knn_top1"] == final["eval"]["knn_top1"]
+    assert final["step"] == 6 and final["eval"]["num_samples"] == 360 and final["eval"]["protocol"] == "knn"
+    assert json.loads((out / "metrics.json").read_text())["top1"] == final["eval"]["top1"]
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -105,9 +116,10 @@ def test_a_short_run_trains_logs_checkpoints_and_exports(tmp_path, cache):
 
 
 def _snapshot(folder):
-    """Every file of a folder: {relative path: (bytes, modification time)}."""
+    """Every file of a folder: {relative path: (bytes, modification time)}; but .lock, which says who
+    runs in the folder now."""
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def test_rerunning_a_finished_run_leaves_it_as_it_is(tmp_path, cache):
@@ -222,6 +234,7 @@ micro = [dict(images=images[i * per:(i + 1) * per], noise=noise[i * per:(i + 1) 
 trainer.accumulate_gradients(micro)
 if rank == 0:
     torch.save({{n: p.grad for n, p in trainer.task.named_parameters()}}, "{out}/grads.pt")
+trainer.close()
 """
 
 
@@ -295,8 +308,8 @@ g = torch.Generator().manual_seed(0)
 micro = [dict(images=torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g),
               labels=torch.zeros(16, dtype=torch.long)) for _ in range(trainer.plan.accumulation)]
 stats = trainer.train_step(micro)
-print(json.dumps(dict(calls=calls[0], micro=len(micro), dtypes=sorted(dtypes), loss=stats["loss"],
-                      finite=math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]),
+print(json.dumps(dict(calls=calls[0], micro=len(micro), dtypes=sorted(dtypes), loss=float(stats["loss"]),
+                      finite=math.isfinite(float(stats["loss"])) and math.isfinite(float(stats["grad_norm"])),
                       precision=trainer.accelerator.mixed_precision)))
 """
 
@@ -317,6 +330,59 @@ def test_bf16_and_gradient_checkpointing_take_effect(tmp_path, cache, flags, pre
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["precision"] == precision and seen["dtypes"] == [dtype]
     assert seen["calls"] == forwards * seen["micro"] and seen["finite"]
+
+
+SYNCS = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from ssl_vit import config
+from ssl_vit.train import Trainer, _Window
+cfg = config.load(["recipe={recipe}", *{tiny!r}, "train.output_dir={out}", *{extra!r}])
+trainer = Trainer(cfg)
+g = torch.Generator().manual_seed(0)
+def micro():
+    return [dict(images=torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g),
+                 labels=torch.randint(0, 10, (16,), generator=g)) for _ in range(trainer.plan.accumulation)]
+window = _Window()
+window.add(trainer.train_step(micro()), 32)  # warm-up (lazy state, first kernels)
+reads = []
+names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+originals = {{n: getattr(torch.Tensor, n) for n in names}}
+def counting(name):
+    def read(self, *args, **kwargs):
+        reads.append(name)
+        return originals[name](self, *args, **kwargs)
+    return read
+for n in names:
+    setattr(torch.Tensor, n, counting(n))
+for _ in range(3):
+    window.add(trainer.train_step(micro()), 32)
+per_step = len(reads) / 3
+for n in names:
+    setattr(torch.Tensor, n, originals[n])
+summary = window.summary()
+print(json.dumps(dict(reads_per_step=per_step, what=sorted(set(reads)), loss=summary["loss"],
+                      skip_on_device=trainer.skip_on_device)))
+"""
+
+
+@pytest.mark.parametrize("recipe, extra, reads", [
+    ("mae_tiny_digits", [], 0),                                     # fused AdamW: skips decided on the device
+    ("finetune_digits", ["train.ema_decay=0.9"], 1),                # an EMA reads the skip flag, once a step
+])
+def test_a_training_step_does_not_wait_on_the_host(tmp_path, cache, recipe, extra, reads):
+    """Counted by instrumenting every way a tensor is read back (item, float(), bool(), tolist...)
+    during three optimizer steps of 2 micro-batches each; the means are read once, when logged."""
+    tiny = TINY if recipe == "mae_tiny_digits" else TINY[:4] + ["data.batch_size=16", "optim.batch_size=32",
+                                                                 "data.num_workers=1"]
+    script = tmp_path / "syncs.py"
+    script.write_text(SYNCS.format(root=str(ROOT), recipe=recipe, tiny=tiny, out=tmp_path / "run", extra=extra))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env_with(cache),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["reads_per_step"] == reads, seen
+    assert seen["skip_on_device"] == (reads == 0) and math.isfinite(seen["loss"])
 
 
 def test_bf16_and_gradient_checkpointing_run_end_to_end(tmp_path, cache):

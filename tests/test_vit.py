@@ -183,3 +183,109 @@ def test_bad_options_are_explained(kwargs, message):
 def test_unknown_arch_lists_the_names():
     with pytest.raises(ValueError, match="vit_base_patch16"):
         create_encoder("vit_gigantic")
+
+
+# -------------------------------------------------------------------------------------------
+# the mask-token forward (SimMIM, BEiT) and the 2-D learned position table
+
+
+def test_mask_token_forward_equals_blocks_by_hand():
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_tiny_patch16", img_size=64, depth=2, dist_token=True, pos_embed="learn").eval()
+    token = encoder.add_mask_token()
+    assert encoder.add_mask_token() is token and token.shape == (1, 1, 192) and token.abs().max() <= 0.02
+    images, mask = torch.randn(2, 3, 64, 64), torch.rand(2, 16) < 0.5
+    with torch.no_grad():
+        patches = encoder.patch_embed(images)
+        patches = torch.where(mask.unsqueeze(-1), token.expand(2, 16, -1), patches) + encoder.pos_embed[:, 2:]
+        prefix = torch.cat([encoder.cls_token + encoder.pos_embed[:, :1],
+                            encoder.dist_token + encoder.pos_embed[:, 1:2]], dim=1).expand(2, -1, -1)
+        x = torch.cat([prefix, patches], dim=1)
+        for block in encoder.blocks:
+            x = block(x)
+        got = encoder.forward_features(images, mask=mask)
+        assert got.shape == (2, 2 + 16, 192) and _max_diff(got, encoder.norm(x)) < 1e-5
+        # nothing masked is the plain forward; everything masked does not see the image
+        assert _max_diff(encoder.forward_features(images, mask=torch.zeros(2, 16)), encoder.forward_features(images)) < 1e-6
+        everything = torch.ones(2, 16)
+        assert _max_diff(encoder.forward_features(images, mask=everything),
+                         encoder.forward_features(torch.randn(2, 3, 64, 64), mask=everything)) < 1e-6
+
+
+def test_mask_token_is_a_trained_parameter_outside_timm_keys_and_backbones(tmp_path):
+    from ssl_vit import export_backbone
+    from ssl_vit.models import family_of
+
+    encoder = create_encoder("vit_tiny_patch16", img_size=32, patch_size=8, depth=1)
+    plain_keys = set(encoder.state_dict())
+    encoder.add_mask_token()
+    assert set(encoder.state_dict()) == plain_keys | {"mask_token"} and "mask_token" in encoder.no_weight_decay()
+    encoder.forward_features(torch.randn(2, 3, 32, 32), mask=torch.ones(2, 16)).sum().backward()
+    assert encoder.mask_token.grad is not None and encoder.mask_token.grad.abs().sum() > 0
+    assert "mask_token" not in family_of(encoder).backbone_state(encoder)
+    export_backbone(encoder, tmp_path / "backbone.safetensors")  # loads in timm strictly: no mask token
+    description = __import__("json").loads((tmp_path / "backbone.json").read_text())
+    theirs = eval(description["load_with_timm"], {"timm": timm})
+    assert set(theirs.state_dict()) == plain_keys
+
+
+def test_mask_forward_errors_are_explained():
+    encoder = create_encoder("vit_tiny_patch16", img_size=32, patch_size=8, depth=1)
+    images = torch.randn(1, 3, 32, 32)
+    with pytest.raises(RuntimeError, match=r"no mask token: call encoder.add_mask_token\(\)"):
+        encoder.forward_features(images, mask=torch.zeros(1, 16))
+    encoder.add_mask_token()
+    with pytest.raises(ValueError, match=r"mask has shape \[1, 9\], expected \[batch, patches\] = \[1, 16\]"):
+        encoder.forward_features(images, mask=torch.zeros(1, 9))
+    with pytest.raises(ValueError, match="not both"):
+        encoder.forward_features(images, ids_keep=torch.zeros(1, 4, dtype=torch.long), mask=torch.zeros(1, 16))
+
+
+def test_learned_2d_table_is_row_and_column_tables():
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_tiny_patch16", img_size=(32, 48), patch_size=8, depth=1, pos_embed="learn2d").eval()
+    assert "pos_embed" not in encoder.state_dict()
+    rows, cols = encoder.pos_embed_row, encoder.pos_embed_col
+    assert rows.shape == (1, 4, 96) and cols.shape == (1, 6, 96) and rows.std() > 0.01
+    assert {"pos_embed_row", "pos_embed_col"} <= encoder.no_weight_decay()
+    table = encoder.patch_positions()[0]                                  # [L, D]
+    for i, j in [(0, 0), (1, 4), (3, 5), (2, 0)]:
+        assert torch.equal(table[i * 6 + j], torch.cat([cols[0, j], rows[0, i]]))  # [column | row]
+    images = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():  # the class token gets no position embedding (it is learned itself)
+        x = torch.cat([encoder.cls_token.expand(2, -1, -1), encoder.patch_embed(images) + table], dim=1)
+        for block in encoder.blocks:
+            x = block(x)
+        assert _max_diff(encoder.forward_features(images), encoder.norm(x)) < 1e-6
+    with pytest.raises(ValueError, match="embed_dim=195 is odd"):
+        create_encoder("vit_tiny_patch16", embed_dim=195, num_heads=5, pos_embed="learn2d")
+
+
+def test_learned_2d_table_exports_are_ours_and_load_into_a_1d_table(tmp_path):
+    import json
+
+    from ssl_vit import export_backbone
+
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_tiny_patch16", img_size=32, patch_size=8, depth=1, pos_embed="learn2d").eval()
+    export_backbone(encoder, tmp_path / "backbone.safetensors")
+    description = json.loads((tmp_path / "backbone.json").read_text())
+    assert "load_with_timm" not in description and "timm" not in description  # timm's ViT has no such tables
+    again = create_encoder(**description["encoder"]).eval()
+    load_weights(again, tmp_path / "backbone.safetensors", strict=True, verbose=False)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = encoder.forward_features(images)
+        assert torch.equal(again.forward_features(images), expected)
+        # into a 1-D learned table (fine-tuning with model.pos_embed=learn): the same embeddings, so the same features
+        learned = create_encoder("vit_tiny_patch16", img_size=32, patch_size=8, depth=1, pos_embed="learn").eval()
+        report = load_weights(learned, tmp_path / "backbone.safetensors", strict=True, verbose=False)
+        assert any("2-D row and column" in r for r in report.resized)
+        assert _max_diff(learned.forward_features(images), expected) < 1e-6
+        # at another grid each 1-D table is resampled along its axis
+        larger = create_encoder("vit_tiny_patch16", img_size=48, patch_size=8, depth=1, pos_embed="learn2d")
+        report = load_weights(larger, tmp_path / "backbone.safetensors", strict=True, verbose=False)
+        assert larger.pos_embed_row.shape == (1, 6, 96) and len(report.resized) == 2
+        # a 1-D table cannot become two: said, not silently dropped
+        report = load_weights(encoder, learned.state_dict(), verbose=False)
+        assert "pos_embed" in report.unexpected and any("learn2d" in note for note in report.notes)

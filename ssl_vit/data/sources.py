@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 from webdataset.shardlists import expand_urls
 
 from ..config import MAKE_SHARDS_HINT, ConfigError
-from .writer import INDEX_FORMAT
+from .writer import IMAGE_EXTENSIONS, INDEX_FORMAT
 
 
 @dataclass
@@ -38,6 +38,12 @@ class ShardSource:
 
 def resolve(spec: Union[str, Sequence[str]], what: str = "data.train") -> ShardSource:
     """Expand a shard spec into URLs; local files must exist (the error says how to make them)."""
+    if isinstance(spec, str) and Path(spec).is_dir():
+        images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(spec).rglob("*") if p.is_file())
+        kind = "a folder of images" if images else "a folder, not shards"
+        raise ConfigError(f"{what}={spec} is {kind}: training reads webdataset shards. Make them once with "
+                          f"`python tools/make_shards.py {spec} shards/{Path(spec).name or 'data'}` and pass "
+                          f"{what}=shards/{Path(spec).name or 'data'}.json")
     if isinstance(spec, str) and spec.endswith(".json"):
         return read_index(Path(spec), what)
     specs = [spec] if isinstance(spec, str) else [str(s) for s in spec]

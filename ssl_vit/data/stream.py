@@ -19,7 +19,9 @@ evaluation
     the last batch may be short; metrics are then summed over ranks.
 
 Corrupt images and truncated tars are skipped and counted (a warning for the first and then
-every 1000th), without webdataset's sleeping handlers.
+every 1000th), without webdataset's sleeping handlers. What cannot go on (a pass over a worker's
+shards that yields no image, a sample without the label a run needs) travels to the trainer as a
+batch {"error": message}, which the loaders turn into one line (a ConfigError), not a worker's traceback.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from webdataset.utils import make_seed
 from .transforms import IMAGE_KEYS
 
 REPORT_EVERY = 1000
+PASS_END = "__pass_end__"  # marks the end of one pass over a slot's shards, with how many samples it read
 
 
 class ErrorCounter:
@@ -57,13 +60,15 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], transform: Callable[[bytes], torch.Tensor], *, batch_size: int,
                  training: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, batches_per_epoch: Optional[int] = None,
-                 counts: Optional[list[int]] = None, fraction: float = 1.0, repeated_aug: int = 1):
+                 counts: Optional[list[int]] = None, key_range: tuple[float, float] = (0.0, 1.0),
+                 repeated_aug: int = 1, require_labels: bool = False, num_classes: int = 0):
         super().__init__()
         if training and not batches_per_epoch:
             raise ValueError("a training stream needs batches_per_epoch")
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.counts = list(counts) if counts else None
-        self.fraction, self.repeated_aug = fraction, repeated_aug
+        self.key_range, self.repeated_aug = tuple(key_range), repeated_aug
+        self.require_labels, self.num_classes = require_labels, num_classes
         self.training, self.seed, self.rank, self.world_size = training, seed, rank, world_size
         self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
         self.epoch, self.skip_batches = 0, 0
@@ -117,13 +122,11 @@ class ShardStream(IterableDataset):
             mine, by_shard = self._my_shards(order, slot, slots)
             samples = tarfile_samples(({"url": url} for url in mine), handler=errors)
             mine_only = (s for i, s in enumerate(samples)
-                         if (by_shard or i % slots == slot) and in_fraction(s.get("__key__", ""), self.fraction))
+                         if (by_shard or i % slots == slot) and in_range(s.get("__key__", ""), *self.key_range))
             count = 0
             for count, sample in enumerate(self._shuffled(mine_only, make_seed(slot, pass_number)), 1):
                 yield sample
-            if not count and mine:  # a pass that reads nothing would loop forever
-                raise RuntimeError(f"no readable samples in {len(mine)} shard(s), e.g. {mine[0]}: "
-                                   f"{errors.count} errors so far")
+            yield {PASS_END: count, "__shards__": mine}  # __iter__ checks that the pass gave something
 
     def _shuffled(self, samples: Iterator[dict], stream_seed: int) -> Iterator[dict]:
         if not self.training or self.shuffle_buffer <= 1:
@@ -156,17 +159,31 @@ class ShardStream(IterableDataset):
         groups_skipped, views_to_drop = divmod(skipped, views)
         to_skip, produced, position = groups_skipped * self.batch_size, skipped, 0
         group: list[tuple[list[torch.Tensor], int, str]] = []
+        tried = decoded = 0  # in this pass
         for sample in samples:
+            if PASS_END in sample:  # a pass that gives nothing would loop forever: stop, naming the shards
+                problem = self._empty_pass(sample, tried, decoded, errors)
+                if problem:
+                    yield {"error": problem}
+                    return
+                tried = decoded = 0
+                continue
             if quota is not None and produced >= quota:
                 return
             position += 1
             if position <= to_skip:
                 continue  # a resumed run: already trained on; skip without decoding
+            tried += 1
             try:
                 images, label = self._decode(sample, views, slot, position)
             except Exception as error:
                 errors(RuntimeError(f"{sample.get('__key__')} in {sample.get('__url__')}: {error}"))
                 continue
+            problem = self._label_problem(label, sample)
+            if problem:
+                yield {"error": problem}
+                return
+            decoded += 1
             group.append((images, label, sample["__key__"]))
             if len(group) < self.batch_size:
                 continue
@@ -178,6 +195,31 @@ class ShardStream(IterableDataset):
             group, views_to_drop = [], 0
         if group and not self.training:
             yield self._batch(group, 0)
+
+    @staticmethod
+    def _empty_pass(end: dict, tried: int, decoded: int, errors: ErrorCounter) -> Optional[str]:
+        shards = end["__shards__"]
+        if not shards:
+            return None
+        if not end[PASS_END]:
+            return (f"no readable samples in {len(shards)} shard(s), e.g. {shards[0]} ({errors.count} errors): "
+                    "empty, truncated or not tar files; remake them with tools/make_shards.py")
+        if tried and not decoded:
+            return (f"none of the {tried} samples read from {len(shards)} shard(s), e.g. {shards[0]}, decodes to an "
+                    "image (the warnings above say why); remake the shards with tools/make_shards.py, which checks "
+                    "every image")
+        return None
+
+    def _label_problem(self, label: int, sample: dict) -> Optional[str]:
+        if self.require_labels and label < 0:
+            return (f"sample {sample.get('__key__')} of {sample.get('__url__')} has no class label (.cls), and this "
+                    "run needs labels: make shards from class sub-folders or a CSV of path,label "
+                    "(tools/make_shards.py)")
+        if self.num_classes and label >= self.num_classes:
+            return (f"sample {sample.get('__key__')} of {sample.get('__url__')} has label {label}, but the model has "
+                    f"{self.num_classes} classes (model.num_classes): set model.num_classes to the shards' (or "
+                    "leave it 0 to read it from their index)")
+        return None
 
     def _decode(self, sample: dict, views: int, slot: int, position: int) -> tuple[list[torch.Tensor], int]:
         """The image decoded once (where the transform allows: see transforms.PILTransform) and
@@ -202,23 +244,35 @@ class ShardStream(IterableDataset):
         return images, label
 
     @staticmethod
-    def _batch(group: list[tuple[list[torch.Tensor], int, str]], view: int) -> dict:
-        return {"images": torch.stack([images[view] for images, _, _ in group]),
-                "labels": torch.tensor([label for _, label, _ in group], dtype=torch.long),
-                "keys": [key for _, _, key in group]}
+    def _batch(group: list[tuple[list, int, str]], view: int) -> dict:
+        """A transform returns an image tensor, or a dict of them (several views of one crop, e.g.
+        BEiT's model and tokenizer views): each key is stacked into the batch."""
+        first = group[0][0][view]
+        views = first if isinstance(first, dict) else {"images": first}
+        batch = {name: torch.stack([(images[view][name] if isinstance(first, dict) else images[view])
+                                    for images, _, _ in group]) for name in views}
+        batch.update(labels=torch.tensor([label for _, label, _ in group], dtype=torch.long),
+                     keys=[key for _, _, key in group])
+        return batch
 
 
-def in_fraction(key: str, fraction: float) -> bool:
-    """A fixed subset of about `fraction` of the samples, chosen by their keys (the same subset in
-    every epoch, on every rank and in every process count): few-label runs."""
-    return fraction >= 1.0 or zlib.crc32(key.encode()) % 100000 < fraction * 100000
+def in_range(key: str, start: float, stop: float) -> bool:
+    """Whether a sample is in a fixed part of its split, chosen by its key: its key's hash u in [0, 1)
+    falls in [start, stop). The same samples in every epoch, on every rank and in every process
+    count: few-label subsets (data.train_fraction) and the held-out part (data.holdout_fraction)."""
+    if start <= 0.0 and stop >= 1.0:
+        return True
+    position = zlib.crc32(key.encode()) % 100000
+    return start * 100000 <= position < stop * 100000
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
     """Batches are made in the workers; the DataLoader only moves them (batch_size=None). It gets
     its own generator: drawing worker seeds from the global one at every epoch would shift the
     training RNG (MAE's masks) differently in a resumed run."""
+    from ..run_state import ignore_stop_signals
+
     num_workers = min(num_workers, os.cpu_count() or 1)  # more workers than cores only adds contention
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers else None, persistent_workers=False,
-                      generator=torch.Generator())
+                      generator=torch.Generator(), worker_init_fn=ignore_stop_signals if num_workers else None)

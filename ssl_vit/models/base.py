@@ -77,6 +77,9 @@ class EncoderFamily:
     # the keys of an export's encoder config that decide the weights' shapes (and the input size):
     # evaluation tools adopt them from `init=` unless the command line says otherwise
     architecture_keys: ClassVar[tuple[str, ...]] = ("arch", "img_size", "in_chans")
+    # config keys that change what the weights compute without changing a tensor's shape: an export
+    # that records another value is refused (checked where the module's config has the key too)
+    shape_free_keys: ClassVar[tuple[str, ...]] = ("num_heads",)
 
     @classmethod
     def claims(cls, arch: str) -> bool:

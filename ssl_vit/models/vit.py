@@ -1,14 +1,16 @@
 """The shared ViT encoder (Dosovitskiy et al. 2021), built from timm's layers.
 
 One module serves every task: supervised classification, MAE pre-training (which runs the
-blocks on the visible patches only, He et al. 2022 §3) and DeiT distillation (a second prefix
-token, Touvron et al. 2021 §4). Parameter names equal timm's `VisionTransformer` /
+blocks on the visible patches only, He et al. 2022 §3), SimMIM pre-training (every position, the
+masked ones replaced by a learned mask token, Xie et al. 2022 §3.2) and DeiT distillation (a second
+prefix token, Touvron et al. 2021 §4). Parameter names equal timm's `VisionTransformer` /
 `VisionTransformerDistilled`, so timm, official MAE and DeiT state dicts load without renaming
 and our exports load in timm.
 
     image [B, C, H, W]
       -> patch_embed                      [B, L, D]      (conv patchify, or a timm CNN + 1x1 proj)
-      -> + pos_embed (patch part)         [B, L, D]
+      -> masked ones -> mask_token (mask) [B, L, D]      (SimMIM, BEiT: mask_token.py)
+      -> + position embedding (patches)   [B, L, D]      (learned 1-D / 2-D, sin-cos: vit_positions.py)
       -> keep ids_keep (MAE)              [B, K, D]
       -> prepend cls (+ dist) tokens      [B, P + K, D]  (each with its own position embedding)
       -> blocks -> norm                   [B, P + K, D]
@@ -16,7 +18,6 @@ and our exports load in timm.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Mapping, Optional, Sequence
@@ -29,6 +30,9 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from ..config import ConfigError, ModelConfig, check_choice
 from .base import EncoderFamily, LoadReport, register_family
+from .mask_token import new_mask_token, replace_masked_patches
+from .vit_options import POS_EMBEDS, check_divisible, check_options, hybrid_backbone, pair
+from .vit_positions import learned_2d_table, sincos_2d_pos_embed
 
 # Widths, depths and heads of the named sizes: ViT-B/L/H from Dosovitskiy et al. 2021, table 1;
 # ViT-Ti/S from DeiT (Touvron et al. 2021, table 1). All use an MLP ratio of 4.
@@ -44,44 +48,20 @@ ARCHS: dict[str, dict[str, Any]] = {
 @dataclass
 class ViTConfig(ModelConfig):
     """The `model:` keys of our ViT (model.arch = one of ARCHS); None: the named size's value."""
-    patch_size: Optional[int] = None
+    patch_size: Optional[int] = None      # pixels per patch side (hybrids: feature-map cells)
     embed_dim: Optional[int] = None       # set these for custom sizes
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: Optional[float] = None
+    depth: Optional[int] = None           # transformer blocks
+    num_heads: Optional[int] = None       # attention heads per block
+    mlp_ratio: Optional[float] = None     # MLP width / embed_dim (4 in every named size)
     global_pool: str = "token"            # token | avg
     fc_norm: Optional[bool] = None        # None: on for avg pooling
-    pos_embed: str = "sincos"             # learn | sincos; MAE's encoder uses fixed sin-cos (§3)
-    class_token: bool = True
-    dist_token: bool = False
-    layer_scale_init: Optional[float] = None
+    pos_embed: str = "sincos"             # learn | learn2d | sincos; MAE's encoder uses fixed sin-cos (§3)
+    class_token: bool = True              # a class token before the patches
+    dist_token: bool = False              # DeiT's distillation token (task.name=distill)
+    layer_scale_init: Optional[float] = None  # LayerScale's initial value (CaiT, DeiT III); None: none
     patch_embed: str = "conv"             # conv | hybrid
     backbone: Optional[str] = None        # timm CNN of a hybrid, e.g. resnet26d
-    backbone_stride: int = 16
-
-
-def sincos_2d_pos_embed(embed_dim: int, grid_size: Sequence[int], num_prefix_tokens: int = 1) -> torch.Tensor:
-    """MAE's fixed 2-D sine-cosine position table, [1, prefix + H*W, D] (He et al. 2022 §3, A.1).
-
-    Laid out exactly as MAE's `get_2d_sincos_pos_embed`: its meshgrid puts the *column* index
-    first, so the first D/2 channels encode the column and the last D/2 the row, each as
-    [sin(pos * w_k) | cos(pos * w_k)] with w_k = 1 / 10000^(k / (D/4)), k = 0..D/4-1. Prefix
-    tokens get zeros. Computed in float64 (as the released checkpoints were), stored as float32.
-    timm's `build_sincos2d_pos_embed` orders the channels differently, hence our own.
-    """
-    if embed_dim % 4:
-        raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {embed_dim}")
-    height, width = grid_size
-    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
-
-    def encode(positions: torch.Tensor) -> torch.Tensor:  # [H*W] -> [H*W, D/2]
-        angles = positions.reshape(-1, 1).double() * omega
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    table = torch.cat([encode(cols), encode(rows)], dim=1)  # [H*W, D]
-    table = torch.cat([torch.zeros(num_prefix_tokens, embed_dim, dtype=torch.float64), table])
-    return table.float().unsqueeze(0)
+    backbone_stride: int = 16             # which of the CNN's feature maps a hybrid embeds (by stride)
 
 
 class VisionTransformer(nn.Module):
@@ -94,7 +74,9 @@ class VisionTransformer(nn.Module):
         num_classes: classifier outputs, 0 for features only.
         global_pool: "token" (class token) or "avg" (mean of the patch tokens).
         fc_norm: norm after pooling instead of before (None: on for "avg", as MAE fine-tuning).
-        pos_embed: "learn" (trained) or "sincos" (MAE's fixed table: a buffer, still saved).
+        pos_embed: "learn" (a trained 1-D table), "learn2d" (trained row and column tables, the ViT
+            paper's 2-D ablation; not loadable by timm) or "sincos" (MAE's fixed table: a buffer,
+            still saved). See vit_positions.py.
         class_token / dist_token: prefix tokens; `dist_token` adds DeiT's distillation token and,
             with `num_classes > 0`, its `head_dist`.
         layer_scale_init: LayerScale init value (CaiT / DeiT III), None for none.
@@ -128,10 +110,10 @@ class VisionTransformer(nn.Module):
             backbone_stride: int = 16,
     ) -> None:
         super().__init__()
-        img_size = _pair(img_size, "img_size")
-        _check_options(global_pool=global_pool, pos_embed=pos_embed, patch_embed=patch_embed,
-                       class_token=class_token, dist_token=dist_token, backbone=backbone,
-                       embed_dim=embed_dim, num_heads=num_heads)
+        img_size = pair(img_size, "img_size")
+        check_options(global_pool=global_pool, pos_embed=pos_embed, patch_embed=patch_embed,
+                      class_token=class_token, dist_token=dist_token, backbone=backbone,
+                      embed_dim=embed_dim, num_heads=num_heads)
         # Recorded so that exports can say exactly how to rebuild this encoder.
         self.config = dict(
             arch=arch, img_size=list(img_size), patch_size=patch_size, in_chans=in_chans,
@@ -144,16 +126,17 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = int(class_token) + int(dist_token)
-        self.no_embed_class = False  # position embeddings cover the prefix tokens (timm/DeiT layout)
+        # 1-D tables cover the prefix tokens too (timm/DeiT layout); the 2-D tables only the patches
+        self.no_embed_class = pos_embed == "learn2d"
         self.grad_checkpointing = False
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
 
         if patch_embed == "hybrid":
-            self.patch_embed = HybridEmbed(_hybrid_backbone(backbone, backbone_stride, in_chans),
+            self.patch_embed = HybridEmbed(hybrid_backbone(backbone, backbone_stride, in_chans),
                                            img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                            embed_dim=embed_dim)
         else:
-            _check_divisible(img_size, patch_size)
+            check_divisible(img_size, patch_size)
             self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                           embed_dim=embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -161,12 +144,21 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if dist_token else None
         embed_len = self.num_prefix_tokens + num_patches
+        self.pos_embed_row = self.pos_embed_col = None
         if pos_embed == "sincos":
             # Fixed, not trained (MAE §3); a persistent buffer so checkpoints carry it, as MAE's do.
             self.register_buffer("pos_embed", sincos_2d_pos_embed(
                 embed_dim, self.patch_embed.grid_size, self.num_prefix_tokens))
+        elif pos_embed == "learn2d":
+            # ViT paper appendix D.4: "two sets of embeddings are learned, each for one of the axes ...
+            # each with size D/2"; the class token is a learned vector already, it gets no position.
+            self.pos_embed = None
+            height, width = self.patch_embed.grid_size
+            self.pos_embed_row = nn.Parameter(torch.zeros(1, height, embed_dim // 2))
+            self.pos_embed_col = nn.Parameter(torch.zeros(1, width, embed_dim // 2))
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
+        self.mask_token = None  # add_mask_token(): only for the mask-token forward (SimMIM, BEiT)
 
         drop_path_rates = calculate_drop_path_rates(drop_path_rate, depth)  # linear rule, DeiT §6
         self.blocks = nn.Sequential(*[
@@ -186,8 +178,9 @@ class VisionTransformer(nn.Module):
     # initialisation: timm's ViT scheme (MAE and DeiT re-initialise what they need to)
 
     def init_weights(self) -> None:
-        if isinstance(self.pos_embed, nn.Parameter):
-            trunc_normal_(self.pos_embed, std=0.02)
+        for table in (self.pos_embed, self.pos_embed_row, self.pos_embed_col):
+            if isinstance(table, nn.Parameter):
+                trunc_normal_(table, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.dist_token is not None:
@@ -198,20 +191,44 @@ class VisionTransformer(nn.Module):
     # ---------------------------------------------------------------------------------------
     # forward
 
+    def add_mask_token(self) -> nn.Parameter:
+        """The learned token that `forward_features(mask=...)` puts in place of masked patches; tasks
+        that use it (SimMIM) add it. Not part of `config` nor of backbone exports (mask_token.py)."""
+        if self.mask_token is None:
+            self.mask_token = new_mask_token(self.embed_dim, device=self.blocks[0].norm1.weight.device)
+        return self.mask_token
+
+    def patch_positions(self) -> torch.Tensor:
+        """The patches' position embeddings, [1, L, D]."""
+        if self.pos_embed is None:
+            return learned_2d_table(self.pos_embed_row, self.pos_embed_col)
+        return self.pos_embed[:, self.num_prefix_tokens:]
+
     def prefix_tokens(self, batch_size: int) -> list[torch.Tensor]:
         """Class (and distillation) tokens with their position embeddings added, each [B, 1, D]."""
         tokens = [t for t in (self.cls_token, self.dist_token) if t is not None]
-        return [(t + self.pos_embed[:, i:i + 1]).expand(batch_size, -1, -1) for i, t in enumerate(tokens)]
+        if self.pos_embed is not None:
+            tokens = [t + self.pos_embed[:, i:i + 1] for i, t in enumerate(tokens)]
+        return [t.expand(batch_size, -1, -1) for t in tokens]
 
-    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embedding plus position embedding, before any masking: [B, C, H, W] -> [B, L, D]."""
-        x = self.patch_embed(images)
-        return x + self.pos_embed[:, self.num_prefix_tokens:]
+    def embed_patches(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Patch embedding (masked patches replaced by the mask token) plus position embedding:
+        [B, C, H, W] -> [B, L, D]."""
+        x = self.patch_embed(images)                            # [B, L, D]
+        if mask is not None:
+            x = replace_masked_patches(x, mask, self.mask_token)
+        return x + self.patch_positions()
 
-    def forward_features(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """All tokens after the final norm, [B, P + L, D]; with `ids_keep` [B, K] only those patch
-        tokens (in that order) plus the P prefix tokens go through the blocks: [B, P + K, D]."""
-        x = self.embed_patches(images)                          # [B, L, D]
+    def forward_features(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None,
+                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All tokens after the final norm, [B, P + L, D]. With `ids_keep` [B, K] only those patch
+        tokens (in that order) plus the P prefix tokens go through the blocks: [B, P + K, D] (MAE).
+        With `mask` [B, L] (1 = masked) every position does, the masked patches' embeddings replaced
+        by the learned mask token before the positions are added (SimMIM, BEiT)."""
+        if ids_keep is not None and mask is not None:
+            raise ValueError("give ids_keep (drop patches, MAE) or mask (replace them by the mask token, "
+                             "SimMIM / BEiT), not both")
+        x = self.embed_patches(images, mask)                    # [B, L, D]
         if ids_keep is not None:
             x = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
         x = torch.cat([*self.prefix_tokens(x.shape[0]), x], dim=1)  # [B, P + K, D]
@@ -268,13 +285,16 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "dist_token"}
+        """timm's names; the 2-D tables and the mask token too, when the encoder has them (SimMIM's
+        Swin encoder and our MAE keep their mask tokens out of weight decay as well)."""
+        present = {name for name in ("pos_embed_row", "pos_embed_col", "mask_token") if getattr(self, name) is not None}
+        return {"pos_embed", "cls_token", "dist_token"} | present
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's grouping (stem, then one group per block, final norm with the last block),
         used by timm's layer-wise lr decay."""
-        return dict(stem=r"^cls_token|dist_token|pos_embed|patch_embed",
+        return dict(stem=r"^cls_token|dist_token|pos_embed|patch_embed|mask_token",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
@@ -293,69 +313,16 @@ ENCODER_OPTIONS = [name for name in VisionTransformer.__init__.__kwdefaults__ if
 
 
 # -------------------------------------------------------------------------------------------
-# helpers that only the constructor uses
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f"{name} must be an int or [height, width], got {list(value)}")
-    return value
-
-
-def _check_divisible(img_size: tuple[int, int], patch_size: int) -> None:
-    if img_size[0] % patch_size or img_size[1] % patch_size:
-        raise ValueError(f"img_size {list(img_size)} is not a multiple of patch_size {patch_size}; "
-                         f"use e.g. img_size={math.ceil(img_size[0] / patch_size) * patch_size}")
-
-
-def _check_options(*, global_pool, pos_embed, patch_embed, class_token, dist_token, backbone,
-                   embed_dim, num_heads) -> None:
-    if global_pool not in ("token", "avg"):
-        raise ValueError(f"global_pool={global_pool!r}: use 'token' (class token) or 'avg' (mean pooling)")
-    if global_pool == "token" and not class_token:
-        raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
-    if dist_token and not class_token:
-        raise ValueError("dist_token=True needs class_token=True (DeiT puts it second, after the class token)")
-    if dist_token and global_pool != "token":
-        raise ValueError("dist_token=True reads the class and distillation tokens: use global_pool='token'")
-    if pos_embed not in ("learn", "sincos"):
-        raise ValueError(f"pos_embed={pos_embed!r}: use 'learn' or 'sincos' (MAE's fixed table)")
-    if patch_embed not in ("conv", "hybrid"):
-        raise ValueError(f"patch_embed={patch_embed!r}: use 'conv' or 'hybrid' (with backbone=<timm CNN>)")
-    if patch_embed == "hybrid" and not backbone:
-        raise ValueError("patch_embed='hybrid' needs backbone=<a timm CNN name>, e.g. backbone='resnet26d'")
-    if embed_dim % num_heads:
-        raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-
-
-def _hybrid_backbone(name: str, stride: int, in_chans: int) -> nn.Module:
-    """A randomly initialised timm CNN cut after the stage whose output has `stride` (the ViT
-    paper's hybrids read the stride-16 map of a ResNet, Dosovitskiy et al. 2021 §3.1)."""
-    import timm
-
-    probe = timm.create_model(name, pretrained=False, features_only=True, in_chans=in_chans)
-    reductions = probe.feature_info.reduction()
-    if stride not in reductions:
-        raise ValueError(f"backbone {name!r} has feature maps at strides {reductions}, not {stride}; "
-                         f"set backbone_stride to one of them")
-    index = probe.feature_info.out_indices[reductions.index(stride)]
-    return timm.create_model(name, pretrained=False, features_only=True, out_indices=(index,),
-                             in_chans=in_chans)
-
-
-# -------------------------------------------------------------------------------------------
 # the family: how recipes, checkpoints, exports and pictures reach this encoder
 
 
 @register_family
 class ViT(EncoderFamily):
-    """our timm-compatible ViT: MAE's visible-patch forward, DeiT's distillation token, hybrids."""
+    """our timm-compatible ViT: MAE's visible-patch and SimMIM's mask-token forwards, DeiT's distillation token, hybrids."""
     name = "vit"
     Config = ViTConfig
     archs = ARCHS
-    masked_forwards = frozenset({"visible"})
+    masked_forwards = frozenset({"visible", "mask_token"})
     architecture_keys = ("arch", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
                          "class_token", "layer_scale_init", "patch_embed", "backbone", "backbone_stride")
 
@@ -365,18 +332,18 @@ class ViT(EncoderFamily):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        for key, options in (("model.global_pool", ("token", "avg")), ("model.pos_embed", ("learn", "sincos")),
+        for key, options in (("model.global_pool", ("token", "avg")), ("model.pos_embed", POS_EMBEDS),
                              ("model.patch_embed", ("conv", "hybrid"))):
             check_choice(cfg, key, options)
         m = {**ARCHS[cfg.model.arch], **{k: v for k, v in cfg.model.items() if v is not None and k != "arch"}}
         try:
-            _check_options(global_pool=m["global_pool"], pos_embed=m["pos_embed"], patch_embed=m["patch_embed"],
-                           class_token=m["class_token"], dist_token=m["dist_token"], backbone=m.get("backbone"),
-                           embed_dim=m["embed_dim"], num_heads=m["num_heads"])
+            check_options(global_pool=m["global_pool"], pos_embed=m["pos_embed"], patch_embed=m["patch_embed"],
+                          class_token=m["class_token"], dist_token=m["dist_token"], backbone=m.get("backbone"),
+                          embed_dim=m["embed_dim"], num_heads=m["num_heads"])
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
         stride = m["patch_size"] * (m["backbone_stride"] if m["patch_embed"] == "hybrid" else 1)
-        size = _pair(m["img_size"], "model.img_size")
+        size = pair(m["img_size"], "model.img_size")
         if size[0] % stride or size[1] % stride:
             fits = [max(stride, s // stride * stride) for s in size]
             raise ConfigError(f"model.img_size={list(size) if size[0] != size[1] else size[0]} is not a multiple of "
@@ -406,6 +373,11 @@ class ViT(EncoderFamily):
         from .vit_weights import fit_state_dict
 
         return fit_state_dict(encoder, state, metadata, report)
+
+    @classmethod
+    def backbone_state(cls, encoder: VisionTransformer) -> dict[str, torch.Tensor]:
+        """Without the classifier heads and the mask token (timm's ViT has none; mask_token.py)."""
+        return {k: v for k, v in super().backbone_state(encoder).items() if k != "mask_token"}
 
     @classmethod
     def config_from_state(cls, state, num_heads: Optional[int] = None, recipe=None) -> dict[str, Any]:

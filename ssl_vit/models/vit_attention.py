@@ -13,11 +13,14 @@ unfused path does; the hooks only read, so the model's outputs are unchanged.
                                                             (Abnar & Zuidema 2020)
     attention_maps(encoder, images)            {"mean": [B, h, w], "head i": ..., "rollout": ...}
                                                             (what the ViT family draws)
+
+Another attention module is recorded by passing its own `recompute(module, x, **forward_kwargs)`
+(the beit family's adds BEiT's q/v biases and relative position bias, beit.py).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,17 +44,24 @@ def recompute_attention(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     return weights, v
 
 
+Recompute = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
 class AttentionRecorder:
     """While open, each forward of `encoder` stores the attention weights of the chosen blocks
-    (default: all) in `weights`: {block index: float32 [B, H, N, N]}.
+    (default: all) in `weights`: {block index: float32 [B, H, N, N]}. `recompute(module, x,
+    **kwargs)` gives the weights of one attention module from its input and the keyword arguments
+    of its forward (default: timm's `Attention`).
 
     >>> with AttentionRecorder(encoder) as recorder:
     ...     encoder.forward_features(images)
     >>> rollout = attention_rollout(recorder.stacked(), encoder.num_prefix_tokens)
     """
 
-    def __init__(self, encoder: nn.Module, layers: Optional[Sequence[int]] = None):
+    def __init__(self, encoder: nn.Module, layers: Optional[Sequence[int]] = None,
+                 recompute: Recompute = recompute_attention):
         self.blocks = encoder.blocks
+        self.recompute = recompute
         depth = len(self.blocks)
         layers = range(depth) if layers is None else layers
         for layer in layers:
@@ -77,8 +87,9 @@ class AttentionRecorder:
     def _record(self, layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
             raise NotImplementedError("recording masked or causal attention is not supported")
+        extra = {k: v for k, v in kwargs.items() if k not in ("attn_mask", "is_causal")}
         with torch.no_grad():
-            weights, _ = recompute_attention(module, args[0])
+            weights, _ = self.recompute(module, args[0], **extra)
         self.weights[layer] = weights.float()
 
     def stacked(self) -> torch.Tensor:
@@ -110,15 +121,16 @@ def attention_rollout(weights: torch.Tensor, num_prefix_tokens: int = 1) -> torc
 
 @torch.no_grad()
 def attention_maps(encoder, images: torch.Tensor, *, layer: int = -1, heads: bool = True,
-                   rollout: bool = False) -> dict[str, torch.Tensor]:
+                   rollout: bool = False, recompute: Recompute = recompute_attention) -> dict[str, torch.Tensor]:
     """Where the class token looks, on the patch grid [B, h, w]: in block `layer`, the mean over the
     heads ("mean") and each head ("head i"); with `rollout`, attention rolled out through all the
-    blocks (Abnar & Zuidema 2020). `images` are normalised, at the encoder's img_size."""
+    blocks (Abnar & Zuidema 2020). `images` are normalised, at the encoder's img_size; `recompute`
+    as for `AttentionRecorder`."""
     if encoder.cls_token is None:
         raise ValueError("attention maps show what the class token attends to, and this encoder has none "
                          "(model.class_token=false)")
     prefix, grid = encoder.num_prefix_tokens, encoder.grid_size
-    with AttentionRecorder(encoder, layers=None if rollout else [layer]) as recorder:
+    with AttentionRecorder(encoder, layers=None if rollout else [layer], recompute=recompute) as recorder:
         encoder.forward_features(images)
     per_head = class_token_attention(recorder.weights[layer % len(encoder.blocks)], prefix)  # [B, H, L]
     maps = {"mean": per_head.mean(dim=1)}

@@ -8,7 +8,8 @@ deciding what to do with what differs:
     prefix tokens     a distillation token for an encoder that had none starts as the class token
                       (DeiT §4); a file's distillation token is dropped for a plain encoder
     position grid     resampled bicubic (as timm) to the module's grid; a fixed sin-cos table is
-                      recomputed instead
+                      recomputed instead; 2-D learned row / column tables are resampled along their
+                      axis, or turned into a 1-D table for an encoder that has one (exactly)
     patch kernel      an old linear kernel becomes a conv; another patch size is resampled (FlexiViT)
     classifier heads  of another size are dropped: the module keeps its own new head
 """
@@ -20,10 +21,14 @@ from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from .base import CheckpointError, LoadReport, drop_other_heads, shape_text
-from .vit import ARCHS, VisionTransformer, sincos_2d_pos_embed
+from .vit import ARCHS, VisionTransformer
+from .vit_positions import learned_2d_table, sincos_2d_pos_embed
+
+TABLES_2D = ("pos_embed_row", "pos_embed_col")
 
 
 def fit_state_dict(encoder: VisionTransformer, state: dict[str, torch.Tensor], metadata: Mapping[str, str],
@@ -48,6 +53,11 @@ def fit_state_dict(encoder: VisionTransformer, state: dict[str, torch.Tensor], m
         state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], state["pos_embed"][:, 2:]], dim=1)
         file_prefix_tokens = 1
 
+    if all(k in state for k in TABLES_2D):
+        file_prefix_tokens = _fit_2d_tables(state, encoder, report, file_prefix_tokens)
+    elif "pos_embed" in state and encoder.pos_embed is None:
+        report.notes.append("pos_embed: the file's 1-D table cannot become the module's row and column tables "
+                            "(model.pos_embed=learn2d); build the encoder with model.pos_embed=learn to use it")
     if "pos_embed" in state and "pos_embed" in target:
         state["pos_embed"] = _fit_pos_embed(state["pos_embed"], encoder, file_prefix_tokens, metadata, report)
 
@@ -112,10 +122,34 @@ def _fit_pos_embed(pos: torch.Tensor, encoder: VisionTransformer, file_prefix_to
                                   num_prefix_tokens=wanted_prefix)
 
 
+def _fit_2d_tables(state: dict[str, torch.Tensor], encoder: VisionTransformer, report: LoadReport,
+                   file_prefix_tokens: int) -> int:
+    """A file's learned row and column tables: resampled along their axis (linear) to the module's grid,
+    or, for an encoder with a 1-D table, written out as that table (the module's prefix tokens at
+    zero: they had no position): the same embeddings, so the same features at the file's grid.
+    Returns the number of prefix tokens the file's position table now covers."""
+    rows, cols = state["pos_embed_row"], state["pos_embed_col"]
+    if encoder.pos_embed is not None:
+        prefix = encoder.num_prefix_tokens
+        state["pos_embed"] = torch.cat([rows.new_zeros(1, prefix, rows.shape[-1] * 2), learned_2d_table(rows, cols)], 1)
+        del state["pos_embed_row"], state["pos_embed_col"]
+        report.resized.append("pos_embed (from the file's 2-D row and column tables)")
+        return prefix
+    for key, wanted in zip(TABLES_2D, encoder.grid_size):
+        table = state[key]                                                       # [1, n, D/2]
+        if table.shape[1] != wanted:
+            report.resized.append(f"{key} {table.shape[1]} -> {wanted} positions (linear)")
+            state[key] = F.interpolate(table.transpose(1, 2), size=wanted, mode="linear",
+                                       align_corners=False).transpose(1, 2)
+    return file_prefix_tokens
+
+
 def timm_equivalent(config: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     """The timm model name and keyword arguments that rebuild an encoder with this config."""
     if config.get("patch_embed") == "hybrid":
         return None  # timm's hybrids take a module, not a name: rebuild with ssl_vit.create_encoder
+    if config.get("pos_embed") == "learn2d":
+        return None  # timm's ViT has no row and column tables: rebuild with ssl_vit.create_encoder
     name = "deit_base_distilled_patch16_224" if config["dist_token"] else "vit_base_patch16_224"
     kwargs = dict(img_size=list(config["img_size"]), patch_size=config["patch_size"], in_chans=config["in_chans"],
                   embed_dim=config["embed_dim"], depth=config["depth"], num_heads=config["num_heads"],
@@ -136,6 +170,8 @@ def config_from_state(state: Mapping[str, torch.Tensor], num_heads: Optional[int
     if kernel is None or kernel.ndim != 4 or "blocks.0.norm1.weight" not in state:
         raise ValueError("not a ViT with a convolutional patch embedding whose architecture can be read from "
                          "its tensors; give recipe=... with its model.* settings")
+    if "blocks.0.attn.q_bias" in state or "blocks.0.gamma_1" in state:
+        raise ValueError("a BEiT-style ViT (q/v biases, gamma_1 layer scale): the beit encoder family reads it")
     embed_dim, in_chans, patch = kernel.shape[0], kernel.shape[1], kernel.shape[-1]
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
     prefix = int("cls_token" in state) + int("dist_token" in state)
@@ -150,6 +186,9 @@ def config_from_state(state: Mapping[str, torch.Tensor], num_heads: Optional[int
         tokens = state["pos_embed"].shape[1] - prefix
         if math.isqrt(tokens) ** 2 == tokens:
             found["img_size"] = math.isqrt(tokens) * patch
+    elif all(k in state for k in TABLES_2D):
+        found["pos_embed"] = "learn2d"
+        found["img_size"] = [state["pos_embed_row"].shape[1] * patch, state["pos_embed_col"].shape[1] * patch]
     named = [name for name, arch in ARCHS.items() if (arch["embed_dim"], arch["depth"]) == (embed_dim, depth)]
     recipe = recipe or {}
     recipe_width = recipe.get("embed_dim") or ARCHS.get(recipe.get("arch"), {}).get("embed_dim")

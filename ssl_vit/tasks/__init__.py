@@ -7,10 +7,11 @@ from .classify import Classify, ClassifyOutput, build_mixup
 from .distill import Distill, DistillOutput, Teacher, build_teacher
 from .linear_probe import LinearProbe, ProbeOutput
 from .mae import MAE, MAEOutput
+from .simmim import SimMIM, SimMIMOutput
 
 __all__ = ["Task", "TaskOutput", "ModelExport", "RunContext", "register_task", "registered_tasks", "task_class",
-           "MAE", "MAEOutput", "Classify", "ClassifyOutput", "Distill", "DistillOutput", "Teacher", "LinearProbe",
-           "ProbeOutput", "build", "build_mixup", "build_teacher"]
+           "MAE", "MAEOutput", "SimMIM", "SimMIMOutput", "Classify", "ClassifyOutput", "Distill", "DistillOutput",
+           "Teacher", "LinearProbe", "ProbeOutput", "build", "build_mixup", "build_teacher"]
 
 
 def build(cfg, num_classes: int = 0) -> Task:

@@ -17,15 +17,18 @@ call what is written here and never ask which task they run.
 
         validate(cfg)                   # its own rules, before anything is built (ConfigError)
         build(cfg, num_classes)         # the module, from the recipe
-        forward(batch)                  # -> an output with .loss (scalar) and .metrics (dict of numbers)
+        forward(batch)                  # -> an output with .loss (scalar) and .metrics (dict of 0-d tensors,
+                                        #    kept on the device: the loop reads them when it logs)
         describe()                      # what was built, printed at start-up
 
     and, where the defaults below do not fit:
         param_groups(weight_decay, layer_decay)   the encoder's groups (its group_matcher and
                                         no_weight_decay, through timm) + the task's own parameters
         no_weight_decay()               its own parameters (outside the encoder) kept out of weight decay
-        predict(batch) / summarize(results)       top-k evaluation (a list of logits for several heads)
-        training_data(run) / validation_batches(rank, world_size, batch_size)   data of its own
+        predict(batch) / summarize(results, selection)   top-k evaluation (a list of logits for several
+                                        heads; choices made on `selection`, the held-out split, if any)
+        train_transform(cfg, image_size)  a training transform of its own (several views of one crop)
+        training_data(run) / validation_batches(rank, world_size, batch_size, split)   data of its own
         picture_split() / pictures(images, denormalize)   what TensorBoard shows every log.images_every
         reconstructs, reconstruct(images, seed)           tools/visualize.py reconstruct
         export_state()                  model.safetensors (default: its state, encoder keys unprefixed)
@@ -114,14 +117,10 @@ class Task(nn.Module):
         return cls.needs_labels or (cls.evaluation == "knn" and cfg.eval.knn_every > 0)
 
     def describe(self) -> str:
-        encoder = self.encoder
-        arch = encoder.config.get("arch", type(encoder).__name__)
-        shape = ", ".join(f"{k} {encoder.config[k]}" for k in ("embed_dim", "depth", "num_heads", "patch_size",
-                                                                 "img_size") if encoder.config.get(k) is not None)
+        from ..models import describe_encoder
+
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return (f"task {self.name} on {arch} ({shape}{', ' if shape else ''}"
-                f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder parameters); "
-                f"{trainable / 1e6:.2f}M trainable parameters in all")
+        return f"task {self.name} on a {describe_encoder(self.encoder)}; {trainable / 1e6:.2f}M trainable parameters"
 
     # --- training ----------------------------------------------------------------------------
 
@@ -137,22 +136,42 @@ class Task(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()
 
+    @classmethod
+    def train_transform(cls, cfg, image_size):
+        """A training transform of the task's own (bytes -> uint8 [C, H, W], or a dict of such views of
+        one crop, each stacked into the batch under its key: BEiT's model and tokenizer views), or
+        None for the data's (data.train_transform). Only batch["images"] is normalised on the device."""
+        return None
+
     def training_data(self, run: RunContext):
         """Data of the task's own making (e.g. cached features), or None for the shard loader."""
         return None
 
     # --- evaluation --------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's pooled features [B, D] (what its head reads): the k-NN monitor's."""
+        return self.encoder.forward_head(self.encoder.forward_features(images), pre_logits=True)
+
     def predict(self, batch: dict) -> Union[torch.Tensor, Sequence[torch.Tensor]]:
         """Logits for the top-k evaluation (batch["images"] normalised), or one per head."""
         raise NotImplementedError(f"task {self.name} is not evaluated by top-k accuracy")
 
-    def summarize(self, results: list[dict]) -> dict:
-        """The evaluation's metrics from one result per head of predict()."""
-        return dict(results[0])
+    def summarize(self, results: list[dict], selection: Optional[list[dict]] = None) -> dict:
+        """The evaluation's metrics from one result per head of predict() on data.val; `selection`:
+        the same on the held-out training images (data.holdout_fraction), which choices (the best
+        model, the best head) are made on instead of data.val."""
+        metrics = dict(results[0])
+        metrics["selected_on"] = "holdout" if selection else "val"
+        if selection:
+            metrics["holdout"] = dict(selection[0])
+        return metrics
 
-    def validation_batches(self, rank: int, world_size: int, batch_size: int) -> Optional[Iterable[dict]]:
-        """Validation data of the task's own making, or None for the shard loader of data.val."""
+    def validation_batches(self, rank: int, world_size: int, batch_size: int,
+                           split: str = "val") -> Optional[Iterable[dict]]:
+        """Data of the task's own making for an evaluation split ("val", or "holdout": the held-out
+        training images), or None for the shard loader of that split."""
         return None
 
     # --- pictures ----------------------------------------------------------------------------

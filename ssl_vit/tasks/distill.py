@@ -39,7 +39,7 @@ class TeacherConfig:
     weights: Optional[str] = None         # our model.safetensors, a timm or torchvision state dict (.pth)
     img_size: Optional[int] = None        # None: our export's JSON, else timm's pretrained config (else the student's)
     mean: Optional[List[float]] = None    # None: as img_size
-    std: Optional[List[float]] = None
+    std: Optional[List[float]] = None     # None: as img_size
 
 
 @dataclass
@@ -130,6 +130,10 @@ class Distill(Classify):
                               f"task.distillation_tau={task.distillation_tau} positive")
         if not cfg.model.get("dist_token", False):
             raise ConfigError("task.name=distill needs model.dist_token=true (DeiT's distillation token)")
+        weights = task.teacher.weights
+        if task.distillation != "none" and weights and not Path(weights).is_file():
+            raise ConfigError(f"task.teacher.weights={weights}: no such file (a trained classifier: our "
+                              "model.safetensors, a timm or torchvision state dict)")
 
     @classmethod
     def build(cls, cfg, num_classes: int = 0) -> "Distill":
@@ -176,9 +180,9 @@ class Distill(Classify):
             else:
                 token_loss = hard_distillation_loss(dist_logits.float(), teacher_logits)
         loss = (1 - self.alpha) * class_loss + self.alpha * token_loss
-        metrics = {"class_loss": class_loss.item(), "distillation_loss": token_loss.item()}
+        metrics = {"class_loss": class_loss.detach(), "distillation_loss": token_loss.detach()}  # on the device
         if targets is labels:
-            metrics["train_top1"] = 100.0 * ((cls_logits + dist_logits).argmax(1) == labels).float().mean().item()
+            metrics["train_top1"] = 100.0 * ((cls_logits + dist_logits).argmax(1) == labels).float().mean()
         return DistillOutput(loss=loss, logits=(cls_logits + dist_logits) / 2, metrics=metrics)
 
     def __deepcopy__(self, memo):

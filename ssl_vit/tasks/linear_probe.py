@@ -76,7 +76,7 @@ class LinearProbe(Task):
             self.heads.append(head)
         self.criterion = nn.CrossEntropyLoss()
         self.best_head = 0  # set by `summarize`: the head with the best validation top-1
-        self.cached_val: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # val / holdout features, when cached
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -93,18 +93,19 @@ class LinearProbe(Task):
         features = features.float()
         logits = [head(features) for head in self.heads]
         losses = [self.criterion(out, batch["labels"]) for out in logits]
-        metrics = {f"loss_lr{scale:g}": loss.item() for scale, loss in zip(self.lr_scales, losses)}
+        metrics = {f"loss_lr{scale:g}": loss.detach() for scale, loss in zip(self.lr_scales, losses)}
         return ProbeOutput(loss=sum(losses), logits=logits, metrics=metrics)
 
     # --- data: features cached once when nothing is augmented -------------------------------
 
     def training_data(self, run: RunContext):
-        """With data.train_transform=eval (no augmentation) the frozen encoder's features of both
+        """With data.train_transform=eval (no augmentation) the frozen encoder's features of the
         splits are extracted once (each sample once over all ranks) and the heads train on them:
         seconds instead of epochs of passes through the encoder. Otherwise the shard loader."""
         from ..data import build_eval_loader
         from ..data.features import FeatureData
-        from ..data.stream import in_fraction
+        from ..data.loaders import holdout_range, training_range
+        from ..data.stream import in_range
         from ..evaluate import extract_features
 
         cfg, accelerator, plan = run.cfg, run.accelerator, run.plan
@@ -112,31 +113,38 @@ class LinearProbe(Task):
             run.print(f"linear probe: data.train_transform={cfg.data.train_transform} augments every batch, so the "
                       "frozen encoder runs at every step (features are cached only with data.train_transform=eval)")
             return None
-        cached = {}
         self.eval()
+        splits = {}
         for split in ("train", "val"):
             loader = build_eval_loader(cfg, split, rank=accelerator.process_index, world_size=accelerator.num_processes,
                                        batch_size=cfg.eval.batch_size or cfg.data.batch_size)
             with accelerator.autocast():
-                feats, labels, keys = extract_features(self.features, loader, device=accelerator.device,
-                                                       normalize=run.normalize, accelerator=accelerator)
-            if split == "train" and cfg.data.train_fraction < 1:
-                keep = torch.tensor([in_fraction(k, cfg.data.train_fraction) for k in keys], device=labels.device)
-                feats, labels = feats[keep], labels[keep]
-            cached[split] = (feats, labels)
-            run.print(f"cached the {split} features of {len(labels)} samples")
+                splits[split] = extract_features(self.features, loader, device=accelerator.device,
+                                                 normalize=run.normalize, accelerator=accelerator,
+                                                 description=f"caching the {split} features")
+        feats, labels, keys = splits.pop("train")
+        parts = {"train": training_range(cfg)}
+        if cfg.data.holdout_fraction > 0:
+            parts["holdout"] = holdout_range(cfg)
+        cached = {"val": splits["val"][:2]}
+        for part, (start, stop) in parts.items():
+            keep = torch.tensor([in_range(k, start, stop) for k in keys], dtype=torch.bool, device=labels.device)
+            cached[part] = (feats[keep], labels[keep])
+        for part, (_, part_labels) in cached.items():
+            run.print(f"cached the {part} features of {len(part_labels)} samples")
         self.train()
-        self.cached_val = cached["val"]
+        self.cached = {k: v for k, v in cached.items() if k != "train"}
         return FeatureData(*cached["train"], per_device_batch=plan.per_device_batch, accumulation=plan.accumulation,
                            world_size=accelerator.num_processes, rank=accelerator.process_index,
                            steps_per_epoch=plan.steps_per_epoch, seed=cfg.train.seed)
 
-    def validation_batches(self, rank: int, world_size: int, batch_size: int) -> Optional[Iterable[dict]]:
-        if self.cached_val is None:
+    def validation_batches(self, rank: int, world_size: int, batch_size: int,
+                           split: str = "val") -> Optional[Iterable[dict]]:
+        if split not in self.cached:
             return None
         from ..data.features import split_for_rank
 
-        return split_for_rank(*self.cached_val, rank=rank, world_size=world_size, batch_size=batch_size)
+        return split_for_rank(*self.cached[split], rank=rank, world_size=world_size, batch_size=batch_size)
 
     # --- evaluation: the heads of the sweep --------------------------------------------------
 
@@ -145,14 +153,21 @@ class LinearProbe(Task):
         features = batch["features"] if "features" in batch else self.features(batch["images"])
         return [head(features.float()) for head in self.heads]
 
-    def summarize(self, results: list[dict]) -> dict:
-        """The best head's result; with a sweep, which lr scale it was and every head's result. The
-        best head is the one exported (the lr is chosen on the split reported)."""
-        self.best_head = max(range(len(results)), key=lambda i: results[i]["top1"])
+    def summarize(self, results: list[dict], selection: Optional[list[dict]] = None) -> dict:
+        """The data.val result of the head chosen; with a sweep, which lr scale it was and every head's
+        results. The head is chosen (and exported) by its top-1 on the held-out training images when
+        data.holdout_fraction is set; otherwise on data.val itself, the split it reports, which
+        flatters the number by the choice (say so: `selected_on`)."""
+        chooser = selection or results
+        self.best_head = max(range(len(chooser)), key=lambda i: chooser[i]["top1"])
         metrics = dict(results[self.best_head])
+        metrics["selected_on"] = "holdout" if selection else "val"
+        if selection:
+            metrics["holdout"] = dict(selection[self.best_head])
         if len(results) > 1:
             metrics["best_lr_scale"] = self.lr_scales[self.best_head]
-            metrics["heads"] = [{"lr_scale": s, **r} for s, r in zip(self.lr_scales, results)]
+            metrics["heads"] = [{"lr_scale": s, **r, **({"holdout_top1": h["top1"]} if selection else {})}
+                                for s, r, h in zip(self.lr_scales, results, selection or results)]
         return metrics
 
     def param_groups(self, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:

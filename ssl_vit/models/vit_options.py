@@ -1,0 +1,64 @@
+"""The options of our ViT, checked where they are given: by the constructor (`create_encoder`) and by
+the family's recipe validation (`model:` keys), with the same messages; and the timm CNN of a hybrid.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch.nn as nn
+
+POS_EMBEDS = ("learn", "learn2d", "sincos")
+
+
+def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or [height, width], got {list(value)}")
+    return value
+
+
+def check_divisible(img_size: tuple[int, int], patch_size: int) -> None:
+    if img_size[0] % patch_size or img_size[1] % patch_size:
+        raise ValueError(f"img_size {list(img_size)} is not a multiple of patch_size {patch_size}; "
+                         f"use e.g. img_size={math.ceil(img_size[0] / patch_size) * patch_size}")
+
+
+def check_options(*, global_pool, pos_embed, patch_embed, class_token, dist_token, backbone,
+                   embed_dim, num_heads) -> None:
+    if global_pool not in ("token", "avg"):
+        raise ValueError(f"global_pool={global_pool!r}: use 'token' (class token) or 'avg' (mean pooling)")
+    if global_pool == "token" and not class_token:
+        raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
+    if dist_token and not class_token:
+        raise ValueError("dist_token=True needs class_token=True (DeiT puts it second, after the class token)")
+    if dist_token and global_pool != "token":
+        raise ValueError("dist_token=True reads the class and distillation tokens: use global_pool='token'")
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed={pos_embed!r}: use 'learn', 'learn2d' (row and column tables) or 'sincos' "
+                         "(MAE's fixed table)")
+    if pos_embed == "learn2d" and embed_dim % 2:
+        raise ValueError(f"pos_embed='learn2d' concatenates two tables of embed_dim / 2: embed_dim={embed_dim} is odd")
+    if patch_embed not in ("conv", "hybrid"):
+        raise ValueError(f"patch_embed={patch_embed!r}: use 'conv' or 'hybrid' (with backbone=<timm CNN>)")
+    if patch_embed == "hybrid" and not backbone:
+        raise ValueError("patch_embed='hybrid' needs backbone=<a timm CNN name>, e.g. backbone='resnet26d'")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+
+
+def hybrid_backbone(name: str, stride: int, in_chans: int) -> nn.Module:
+    """A randomly initialised timm CNN cut after the stage whose output has `stride` (the ViT
+    paper's hybrids read the stride-16 map of a ResNet, Dosovitskiy et al. 2021 §3.1)."""
+    import timm
+
+    probe = timm.create_model(name, pretrained=False, features_only=True, in_chans=in_chans)
+    reductions = probe.feature_info.reduction()
+    if stride not in reductions:
+        raise ValueError(f"backbone {name!r} has feature maps at strides {reductions}, not {stride}; "
+                         f"set backbone_stride to one of them")
+    index = probe.feature_info.out_indices[reductions.index(stride)]
+    return timm.create_model(name, pretrained=False, features_only=True, out_indices=(index,),
+                             in_chans=in_chans)

@@ -1,0 +1,85 @@
+"""`python tools/predict.py MODEL IMAGE [IMAGE ...] [--top-k 5] [--json]`: the classes a classifier export
+gives image files.
+
+    MODEL   a classifier's model.safetensors (fine-tuning, supervised training, distillation, a linear
+            probe's folded head): its JSON says how to rebuild it, its input size and normalisation,
+            and its class names (from the training shards' index)
+    IMAGE   image files; each is resized to img_size / crop_pct and centre-cropped (the evaluation
+            transform the model was measured with)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+
+def predict(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a classifier export: model.safetensors (its JSON beside it)")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per image instead of text")
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        results = classify_files(args.model, args.images, args.top_k)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path, top in results:
+        if args.json:
+            print(json.dumps({"image": path, "top": [{"class": c, "probability": p} for c, p in top]}))
+        else:
+            print(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    return 0
+
+
+def classify_files(model_path: str, images: Sequence[str], top_k: int = 5) -> list[tuple[str, list[tuple[str, float]]]]:
+    """[(image, [(class, probability), ...])] of a classifier export on image files."""
+    import torch
+
+    from .checkpoint import export_description, load_weights
+    from .config import ConfigError
+    from .data.transforms import build_transform
+    from .models import create_encoder
+
+    path = Path(model_path)
+    description = export_description(path) if path.is_file() else {}
+    encoder = description.get("encoder") or {}
+    if not encoder:
+        raise ConfigError(f"{model_path}: not one of our exports with its JSON beside it (model.safetensors + model.json)")
+    if encoder.get("num_classes", 0) <= 0:
+        raise ConfigError(f"{model_path} is an encoder without a classifier (num_classes=0): give a model.safetensors "
+                          "of fine-tuning, supervised training or a linear probe")
+    if description.get("kind") != "model":
+        raise ConfigError(f"{model_path} is a {description.get('kind')} export, not a classifier (model.safetensors)")
+    model = create_encoder(**encoder).eval()
+    load_weights(model, path, strict=True, verbose=False)
+    classes = description.get("classes") or [str(i) for i in range(encoder["num_classes"])]
+    data = description.get("data") or {}
+    size = encoder.get("img_size") or [224, 224]
+    size = [size, size] if isinstance(size, int) else list(size)
+    transform = build_transform(SimpleNamespace(crop_pct=data.get("crop_pct", 0.875)), size, training=False)
+    mean = torch.tensor(data.get("mean", [0.485, 0.456, 0.406])).view(1, -1, 1, 1)
+    std = torch.tensor(data.get("std", [0.229, 0.224, 0.225])).view(1, -1, 1, 1)
+    results = []
+    for image in images:
+        file = Path(image)
+        if not file.is_file():
+            raise ConfigError(f"{image}: no such file")
+        try:
+            pixels = transform(file.read_bytes()).unsqueeze(0).float() / 255.0
+        except OSError:
+            raise ConfigError(f"{image} is not an image file that PIL can read") from None
+        with torch.no_grad():
+            probabilities = model((pixels - mean) / std).softmax(dim=-1)[0]
+        top = probabilities.topk(min(top_k, len(classes)))
+        results.append((image, [(classes[i], float(p)) for p, i in zip(top.values, top.indices)]))
+    return results

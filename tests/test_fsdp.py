@@ -1,0 +1,125 @@
+"""Sharded training (train.sharding=fsdp, torch's FSDP2) on CPU processes, as the DDP path is tested:
+the same losses and weights as one process, exact resume, full exports, frozen teachers left whole."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_VIT
+from conftest import run_command as run
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+TINY_MAE = [*TINY_VIT, "task.decoder_dim=32", "task.decoder_depth=1", "task.decoder_heads=2", "data.batch_size=16",
+            "optim.batch_size=32", "log.every=1", "optim.warmup_epochs=0.1"]
+
+STEPS = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from ssl_vit import config
+from ssl_vit.outputs import export_run
+from ssl_vit.train import Trainer
+cfg = config.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}", *{extra!r}])
+trainer = Trainer(cfg)
+g = torch.Generator().manual_seed(0)
+rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+losses = []
+for step in range(3):  # the same 32 images and masks per step, split over ranks and micro-batches
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
+    noise = torch.rand(32, 16, generator=g)
+    per = 32 // world // trainer.plan.accumulation
+    first = rank * trainer.plan.accumulation
+    micro = [dict(images=images[i * per:(i + 1) * per], noise=noise[i * per:(i + 1) * per],
+                  labels=torch.zeros(per, dtype=torch.long)) for i in range(first, first + trainer.plan.accumulation)]
+    loss = trainer.train_step(micro)["loss"].detach().clone()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    losses.append(float(loss))
+trainer.state.step = 3
+trainer._export()
+sharded = trainer.parallel.sharded
+if rank == 0:
+    block = dict(trainer.task.named_parameters())["encoder.blocks.0.attn.qkv.weight"]
+    json.dump(dict(losses=losses, sharded=sharded, dtensor=type(block).__name__), open("{out}/steps.json", "w"))
+trainer.close()
+"""
+
+
+def _steps(tmp_path, env, name, launcher, extra):
+    out = tmp_path / name
+    out.mkdir()
+    script = tmp_path / f"{name}.py"
+    script.write_text(STEPS.format(root=str(ROOT), tiny=TINY_MAE, out=out, extra=extra))
+    result = subprocess.run([*launcher, str(script)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads((out / "steps.json").read_text())
+
+
+def test_two_sharded_processes_give_the_losses_and_weights_of_one(tmp_path, env):
+    """1 process x 2 accumulation steps (DDP path) and 2 processes x 1 step with FSDP2, on the same
+    images and masks: the same loss at every step and the same final weights (to fp32 rounding:
+    the sum of the gradients runs in another order), and exports with the same keys."""
+    one, single = _steps(tmp_path, env, "one", [sys.executable], [])
+    two, sharded = _steps(tmp_path, env, "two", [*TORCHRUN, "29571"], ["train.sharding=fsdp"])
+    assert not single["sharded"] and sharded["sharded"] and sharded["dtensor"] == "DTensor"
+    assert sharded["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    for name in ("model.safetensors", "backbone.safetensors"):
+        a, b = load_file(one / name), load_file(two / name)  # the FSDP export: whole, from rank 0
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].shape == b[key].shape and torch.allclose(a[key], b[key], atol=2e-6, rtol=1e-4), key
+    description = json.loads((two / "backbone.json").read_text())
+    assert description["encoder"] == json.loads((one / "backbone.json").read_text())["encoder"]
+
+
+def test_a_sharded_run_resumes_exactly(tmp_path, env):
+    """Distributed checkpoints on 2 processes: stopped after step 2 and resumed, the final weights
+    are bit-identical to an unbroken run's."""
+    base = [str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits", *TINY_MAE, "train.sharding=fsdp",
+            "train.checkpoint_every=2", "train.keep_checkpoints=3"]
+    run([*TORCHRUN, "29572", *base, f"train.output_dir={tmp_path / 'unbroken'}", "train.max_steps=4"], env)
+    run([*TORCHRUN, "29573", *base, f"train.output_dir={tmp_path / 'broken'}", "train.max_steps=2"], env)
+    result = run([*TORCHRUN, "29574", *base, f"train.output_dir={tmp_path / 'broken'}", "train.max_steps=4"], env)
+    assert "resumed from" in result.stdout and "fsdp: 3 blocks" in result.stdout
+    saved = tmp_path / "broken" / "checkpoints" / "step_00000002"
+    assert (saved / ".metadata").is_file() and sorted(p.name for p in saved.glob("*.distcp")) == ["__0_0.distcp",
+                                                                                                 "__1_0.distcp"]
+    a, b = load_file(tmp_path / "unbroken" / "model.safetensors"), load_file(tmp_path / "broken" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+TEACHER = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from ssl_vit import config
+from ssl_vit.checkpoint import export_model
+from ssl_vit.models import build_encoder
+from ssl_vit.tasks import Classify
+from ssl_vit.train import Trainer
+teacher = "{out}/teacher.safetensors"
+cfg = config.load(["recipe=supervised_resnet_digits", "model.num_classes=10"])
+export_model(Classify(build_encoder(cfg.model, num_classes=10)), teacher)
+cfg = config.load(["recipe=deit_tiny_distilled_digits", *{tiny!r}, "train.output_dir={out}/run", "data.batch_size=32",
+                   "train.sharding=fsdp", f"task.teacher.weights={{teacher}}", "train.max_steps=1"])
+trainer = Trainer(cfg)
+trainer.run()
+kinds = {{name: type(p).__name__ for name, p in trainer.task.named_parameters()}}
+teacher_kinds = {{type(p).__name__ for p in trainer.task.teacher.parameters()}}
+if trainer.accelerator.is_main_process:
+    json.dump(dict(student=sorted(set(kinds.values())), teacher=sorted(teacher_kinds),
+                   frozen=all(not p.requires_grad for p in trainer.task.teacher.parameters())),
+              open("{out}/kinds.json", "w"))
+trainer.close()
+"""
+
+
+def test_a_teacher_stays_whole_and_frozen_under_sharding(tmp_path, env):
+    script = tmp_path / "teacher.py"
+    script.write_text(TEACHER.format(root=str(ROOT), tiny=TINY_VIT, out=tmp_path))
+    run([*TORCHRUN, "29575", str(script)], env)
+    kinds = json.loads((tmp_path / "kinds.json").read_text())
+    assert kinds == {"student": ["DTensor"], "teacher": ["Parameter"], "frozen": True}
+    assert (tmp_path / "run" / "model.safetensors").is_file()
