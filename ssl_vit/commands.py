@@ -149,6 +149,9 @@ def check_before_start(cfg) -> None:
     the global batch splits over the processes the launcher started, the output folder can be written."""
     from .train import check_batch
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ConfigError("accelerate launch --use_fsdp hands the model to Accelerate's FSDP plugin, which this loop "
+                          "does not use: launch as for DDP (--multi_gpu) and pass train.sharding=fsdp")
     config.check_data(cfg)
     check_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     folder = Path(cfg.train.output_dir).absolute()

@@ -14,6 +14,22 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s: what MFU
+# (model FLOPs utilisation, PaLM's and nanoGPT's measure) divides by on a GPU.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0,
+                   "RTX 4090": 165.0, "A6000": 155.0}
+
+
+def gpu_peak_flops(device: torch.device) -> Optional[float]:
+    """The data sheet's dense bf16 peak of a CUDA device, FLOP/s (None for a GPU not in the table).
+    An H100's figure is the SXM part's (the PCIe part's is 756)."""
+    name = torch.cuda.get_device_name(device)
+    peak = next((value for key, value in GPU_PEAK_TFLOPS.items() if key in name), None)
+    if peak is not None and "H100" in name and "PCIe" in name:
+        peak = 756.0
+    return peak * 1e12 if peak is not None else None
+
+
 def training_flops_per_image(step: Callable[[], torch.Tensor], batch_size: int) -> float:
     """FLOPs of one forward + backward (`step` returns the loss), divided by the batch size."""
     counter = FlopCounterMode(display=False)

@@ -123,3 +123,27 @@ def test_a_teacher_stays_whole_and_frozen_under_sharding(tmp_path, env):
     kinds = json.loads((tmp_path / "kinds.json").read_text())
     assert kinds == {"student": ["DTensor"], "teacher": ["Parameter"], "frozen": True}
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_the_memory_table_is_counted_from_the_model(tmp_path):
+    """tools/benchmark.py memory: parameters, gradients and AdamW state from the recipe's model (16
+    bytes a parameter whole, 1/N of it sharded), activations from the tensors saved for backward."""
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "memory", "--recipe", "mae_giant",
+                             "--gpus", "8", "64"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| strategy | GPUs | parameters | gradients | AdamW state |" in result.stdout
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    from ssl_vit import config
+    from ssl_vit.tasks import build
+
+    with torch.device("meta"):
+        task = build(config.load(["recipe=mae_giant"]))
+    assert figures["mae_giant_trainable_parameters"] == sum(p.numel() for p in task.parameters() if p.requires_grad)
+    assert figures["mae_giant_fsdp_64_total_gib"] < figures["mae_giant_fsdp_8_total_gib"] < figures["mae_giant_ddp_8_total_gib"]
+    assert 0 < figures["mae_giant_activations_per_image_checkpointed_gib"] < figures["mae_giant_activations_per_image_gib"]
+
+
+def test_accelerates_own_fsdp_launch_is_refused_with_the_way_that_works(tmp_path, env):
+    result = run([sys.executable, str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits",
+                  f"train.output_dir={tmp_path}"], {**env, "ACCELERATE_USE_FSDP": "true"}, expect=2)
+    assert "pass train.sharding=fsdp" in result.stderr

@@ -14,7 +14,8 @@ from ssl_vit.models.vit import sincos_2d_pos_embed
 
 TIMM_NAMES = {"vit_tiny_patch16": "vit_tiny_patch16_224", "vit_small_patch16": "vit_small_patch16_224",
               "vit_base_patch16": "vit_base_patch16_224", "vit_large_patch16": "vit_large_patch16_224",
-              "vit_huge_patch14": "vit_huge_patch14_224"}
+              "vit_huge_patch14": "vit_huge_patch14_224", "vit_giant_patch14": "vit_giant_patch14_224",
+              "vit_gigantic_patch14": "vit_gigantic_patch14_224"}
 
 
 def _max_diff(a, b):
@@ -24,10 +25,18 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("name", list(ARCHS))
 @pytest.mark.parametrize("global_pool", ["token", "avg"])
 def test_named_configs_have_timm_keys_and_shapes(name, global_pool):
-    with torch.device("meta"):  # shapes only: no memory for ViT-H
+    with torch.device("meta"):  # shapes only: no memory for ViT-H, -g, -G
         ours = create_encoder(name, num_classes=1000, global_pool=global_pool)
         theirs = timm.create_model(TIMM_NAMES[name], num_classes=1000, global_pool=global_pool)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("name, millions", [("vit_giant_patch14", 1011.2), ("vit_gigantic_patch14", 1842.8)])
+def test_the_giant_sizes_have_the_papers_parameter_counts(name, millions):
+    """Zhai et al. 2022, table 2: ViT-g/14 1011M and ViT-G/14 1843M parameters (no head)."""
+    with torch.device("meta"):
+        encoder = create_encoder(name, pos_embed="learn")
+    assert sum(p.numel() for p in encoder.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
 
 
 @pytest.mark.parametrize("timm_name,arch", [("vit_tiny_patch16_224", "vit_tiny_patch16"),

@@ -5,6 +5,9 @@
         images/s of our MAE pre-training input pipeline (shards -> uint8 batches) against
         torchvision ImageFolder + DataLoader with the same transform and worker count, on
         synthetic ImageNet-sized JPEGs; plus single-image JPEG decode times.
+    python tools/benchmark.py memory [--recipe mae_giant ...] [--gpus 8 64] [--gpu-memory 80]
+        per-GPU memory of recipes (parameters, gradients, AdamW state, activations), DDP vs FSDP,
+        counted from the model built on the meta device (nothing is allocated or timed).
     python tools/benchmark.py mae    [--arch vit_base_patch16] [--batch 8] [--precision bf16]
         images/s of a full MAE training step on one process, its FLOPs per image (counted by
         torch.utils.flop_counter), the achieved FLOP/s as a fraction of a matrix-multiply peak
@@ -212,15 +215,16 @@ def mae_step_worker(args) -> dict:
     from ssl_vit.tasks import build
 
     torch.manual_seed(0)
+    device = torch.device(bench_device(args.device))
     overrides = args.set if args.set is not None else [f"model.arch={args.arch}", f"task.mask_ratio={args.mask_ratio}"]
     cfg = config.load([f"recipe={args.recipe}", *overrides])
-    model = build(cfg)
+    model = build(cfg).to(device)
     fused = variant != "adamw_foreach"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused, foreach=not fused)
     size = cfg.model.img_size
-    images = torch.randn(args.batch, 3, size, size)
+    images = torch.randn(args.batch, 3, size, size, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
-    autocast = torch.autocast("cpu", dtype=dtype, enabled=args.precision != "no")
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != "no")
     attention = sdpa_kernel(SDPBackend.MATH) if variant == "math_attention" else contextlib.nullcontext()
     forward = torch.compile(model) if variant == "compile" else model
 
@@ -241,16 +245,36 @@ def mae_step_worker(args) -> dict:
             step()
         times = []
         for _ in range(args.steps):
+            sync(device)
             start = time.perf_counter()
             step()
+            sync(device)
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     seen = {}  # tokens entering the encoder's first block
     model.encoder.blocks[0].register_forward_hook(lambda module, inputs, output: seen.update(tokens=inputs[0].shape[1]))
     with torch.no_grad(), autocast:
         model(images[:1])
+    memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return {"step_s": seconds, "img_s": args.batch / seconds, "flops_per_image": flops,
-            "encoder_tokens": seen["tokens"], "encoder": model.encoder.config["arch"]}
+            "encoder_tokens": seen["tokens"], "encoder": model.encoder.config["arch"], "max_memory_gib": memory}
+
+
+def bench_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+    return choice
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def bench_mae(args) -> dict:
@@ -258,12 +282,15 @@ def bench_mae(args) -> dict:
 
     import torch
 
-    from ssl_vit.flops import measured_matmul_peak, native_bf16
+    from ssl_vit.flops import gpu_peak_flops, measured_matmul_peak, native_bf16
 
+    device = torch.device(bench_device(args.device))
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.precision]
-    torch.set_num_threads(os.cpu_count() or 1)
-    peak = measured_matmul_peak(torch.device("cpu"), autocast_dtype)  # as the step runs its products
-    native = native_bf16(torch.device("cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    peak = measured_matmul_peak(device, autocast_dtype)  # as the step runs its products
+    native = native_bf16(device)
+    sheet = gpu_peak_flops(device) if device.type == "cuda" else None  # MFU: against the data sheet's peak
     variants = ["eager"] + [v for v in args.variants if v != "eager"]
     runs = [(name, args.mask_ratio) for name in variants] + [("eager", 0.0)]
     results = {}
@@ -271,34 +298,44 @@ def bench_mae(args) -> dict:
         key = name if mask_ratio == args.mask_ratio else f"{name}, no masking"
         command = [sys.executable, __file__, "mae-step", "--variant", name, "--arch", args.arch, "--batch",
                    str(args.batch), "--precision", args.precision, "--mask-ratio", str(mask_ratio), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup)]
+                   str(args.steps), "--warmup", str(args.warmup), "--device", device.type]
         print(f"timing {key} ...", flush=True)
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[key] = json.loads(output.strip().splitlines()[-1])
     baseline = results["eager"]["img_s"]
     best = max((k for k in results if "no masking" not in k), key=lambda k: results[k]["img_s"])
+    where = (f"one {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+             else f"one process on {os.cpu_count()} CPU cores")
     print(f"\nMAE training step (forward + backward + fused AdamW), {args.arch}, batch {args.batch}, "
-          f"{args.precision} autocast, one process on {os.cpu_count()} CPU cores; median of {args.steps} steps")
+          f"{args.precision} autocast, {where}; median of {args.steps} steps")
     how = f"fp32 tensors under {args.precision} autocast, as the step" if autocast_dtype else "fp32, as the step"
+    kind = "GPU" if device.type == "cuda" else "CPU"
     print(f"matrix-multiply peak measured here (2048x2048 products of {how}): {peak / 1e9:.0f} GFLOP/s; "
-          f"this CPU {'has' if native else 'has no'} native bf16 (AVX512-BF16 or AMX)\n")
-    print("| variant | s/step | images/s | GFLOP/image | GFLOP/s | of matmul peak | vs eager |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"this {kind} {'has' if native else 'has no'} native bf16"
+          + (f"; the data sheet's dense bf16 peak: {sheet / 1e12:.0f} TFLOP/s (MFU is against it)" if sheet else "")
+          + "\n")
+    print("| variant | s/step | images/s | GFLOP/image | GFLOP/s | of matmul peak | MFU | vs eager |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, r in results.items():
         achieved = r["flops_per_image"] * r["img_s"]
+        mfu = f"{achieved / sheet:.0%}" if sheet else "n/a (no data-sheet peak)"
         print(f"| {key} | {r['step_s']:.3f} | {r['img_s']:.2f} | {r['flops_per_image'] / 1e9:.1f} | "
-              f"{achieved / 1e9:.0f} | {achieved / peak:.0%} | {r['img_s'] / baseline:.2f}x |")
+              f"{achieved / 1e9:.0f} | {achieved / peak:.0%} | {mfu} | {r['img_s'] / baseline:.2f}x |")
     speedup = results["eager"]["img_s"] / results["eager, no masking"]["img_s"]
     print(f"\nmasking {args.mask_ratio:.0%} of the patches makes the step {speedup:.2f}x faster")
     for name in variants:
         print(f"- {name}: {MAE_VARIANTS[name]}")
     figures = {"arch": args.arch, "batch": args.batch, "precision": args.precision, "native_bf16": native,
-               "peak_measured_as": how, "matmul_peak_flops": peak, "best_variant": best, "masking_speedup": speedup}
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "peak_measured_as": how, "matmul_peak_flops": peak, "data_sheet_peak_flops": sheet,
+               "best_variant": best, "masking_speedup": speedup}
     for key, r in results.items():
         slug = key.replace(", no masking", "_unmasked").replace("+", "_")
         figures.update({f"{slug}_img_s": r["img_s"], f"{slug}_step_s": r["step_s"],
                         f"{slug}_flops_per_image": r["flops_per_image"],
                         f"{slug}_fraction_of_peak": r["flops_per_image"] * r["img_s"] / peak})
+        if sheet:
+            figures[f"{slug}_mfu"] = r["flops_per_image"] * r["img_s"] / sheet
     return figures
 
 
@@ -352,6 +389,20 @@ def bench_mim(args) -> dict:
     return figures
 
 
+def bench_memory(args) -> dict:
+    """Memory per GPU of recipes, counted from their models (ssl_vit/memory.py), DDP vs FSDP."""
+    from ssl_vit import config
+    from ssl_vit.memory import table
+
+    figures = {}
+    for recipe in args.recipe:
+        cfg = config.load([f"recipe={recipe}", *args.set])
+        text, numbers = table(cfg, tuple(args.gpus), args.gpu_memory)
+        print(text + "\n")
+        figures.update({f"{recipe}_{k}": v for k, v in numbers.items()})
+    return figures
+
+
 # -------------------------------------------------------------------------------------------
 
 
@@ -368,6 +419,7 @@ def main(argv=None) -> int:
     data.add_argument("--keep", default=None, help="folder for the images and shards (default: a temporary one)")
     mae = commands.add_parser("mae", help="MAE training step: images/s, FLOPs, fraction of the matmul peak")
     mae.add_argument("--arch", default="vit_base_patch16")
+    mae.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU if there is one")
     mae.add_argument("--batch", type=int, default=8)
     mae.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     mae.add_argument("--mask-ratio", type=float, default=0.75)
@@ -382,12 +434,19 @@ def main(argv=None) -> int:
     mim.add_argument("--steps", type=int, default=8, help="timed steps per task (default 8)")
     mim.add_argument("--warmup", type=int, default=2)
     mim.add_argument("--repeats", type=int, default=2, help="runs of each task, in turn; the fastest is kept (default 2)")
+    memory = commands.add_parser("memory", help="memory per GPU of recipes: parameters, gradients, optimizer, "
+                                 "activations; DDP vs FSDP (counted from the model, not timed)")
+    memory.add_argument("--recipe", nargs="+", default=["mae_giant"], help="recipes (default mae_giant)")
+    memory.add_argument("--gpus", nargs="+", type=int, default=[8, 64], help="GPU counts (default 8 64)")
+    memory.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    memory.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. model.arch=vit_gigantic_patch14")
     worker = commands.add_parser("mae-step", help=argparse.SUPPRESS)
     for name, default in (("--variant", "eager"), ("--arch", "vit_base_patch16"), ("--precision", "bf16")):
         worker.add_argument(name, default=default)
     for name, default in (("--batch", 8), ("--steps", 8), ("--warmup", 2)):
         worker.add_argument(name, type=int, default=default)
     worker.add_argument("--mask-ratio", type=float, default=0.75)
+    worker.add_argument("--device", default="auto")
     worker.add_argument("--recipe", default="mae_base")
     worker.add_argument("--set", nargs="*", default=None, help="recipe overrides (default: --arch, --mask-ratio)")
     args = parser.parse_args(argv)
@@ -395,7 +454,7 @@ def main(argv=None) -> int:
     if args.command == "mae-step":
         print(json.dumps(mae_step_worker(args)))
         return 0
-    figures = {"data": bench_data, "mae": bench_mae, "mim": bench_mim}[args.command](args)
+    figures = {"data": bench_data, "mae": bench_mae, "mim": bench_mim, "memory": bench_memory}[args.command](args)
     print(json.dumps({"benchmark": args.command, **{k: round(v, 4) if isinstance(v, float) else v
                                                       for k, v in figures.items()}}))
     return 0
