@@ -1,5 +1,6 @@
 """Fixtures shared by the end-to-end tests, which run the commands as users do (subprocesses)."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_VIT = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8", "data.num_workers=1"]
 TINY_MAE = [*TINY_VIT, "task.decoder_dim=32", "task.decoder_depth=1", "task.decoder_heads=2", "data.batch_size=32",
             "optim.batch_size=32"]
+
+
+def free_port():
+    """A TCP port nobody listens on now, for a two-process run's rendezvous: fixed ports collide
+    when two test sessions (or a test and a user's run) share a machine, and the processes of one
+    run then wait for partners that never come."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def run_command(command, env, expect=0, timeout=600):

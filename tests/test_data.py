@@ -12,6 +12,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from conftest import free_port
 from ssl_vit import config
 from ssl_vit.config import ConfigError
 from ssl_vit.data import DeviceNormalize, build_eval_loader, build_train_loader, shard_source
@@ -335,7 +336,7 @@ out = dict(train=[k for b in make_loader(train, 2) for k in b["keys"]],
 json.dump(out, open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w"))
 """)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", str(script)], capture_output=True, text=True, timeout=180)
+                             "--master_port", free_port(), str(script)], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [len(r["train"]) for r in ranks] == [8, 8]

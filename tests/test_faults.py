@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_VIT
+from conftest import ROOT, TINY_VIT, free_port
 from conftest import run_command as run
 from ssl_vit.config import ConfigError
 
@@ -60,7 +60,8 @@ def lock_is_free(out) -> bool:
 # 1. the signals clusters and users send
 
 
-@pytest.mark.parametrize("how", ["timeout", "group", "ctrl-c"])
+# `timeout` sends the SIGTERM that `group` sends, from another parent: with the slow runs
+@pytest.mark.parametrize("how", [pytest.param("timeout", marks=pytest.mark.slow), "group", "ctrl-c"])
 def test_signals_to_the_process_group_end_in_a_checkpoint(tmp_path, env, how):
     """`timeout` and `kill -TERM -PGID` reach the loader workers too, Ctrl-C the whole foreground group:
     the workers ignore them and the trainer checkpoints (timeout's own exit code is 124 unless
@@ -106,7 +107,7 @@ def test_sigterm_to_a_one_process_accelerate_launch_reaches_the_trainer(tmp_path
 def test_sigterm_to_a_two_process_launch_checkpoints_on_every_rank(tmp_path, env):
     out = tmp_path / "run"
     command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29561",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
                *mae(out, "train.max_steps=100000", "train.checkpoint_every=100000")[1:]]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**env, "ACCELERATE_USE_CPU": "1"}, cwd=ROOT)
@@ -151,7 +152,8 @@ def test_the_knn_monitor_without_validation_data_stops_before_training(tmp_path,
     assert "data.val is required" in result.stderr and not (tmp_path / "run" / "log.jsonl").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate model.safetensors", "remove random_states_0.pkl"])
+@pytest.mark.parametrize("damage", ["truncate model.safetensors",
+                                    pytest.param("remove random_states_0.pkl", marks=pytest.mark.slow)])
 def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, env, damage):
     steps = ["train.checkpoint_every=1", "train.keep_checkpoints=5"]
     unbroken = tmp_path / "unbroken"
@@ -255,15 +257,29 @@ def files(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name, message", [
+INIT_FILES = [
     ("resnet18.pth", "gave 0 of the encoder's"),
     ("eight_heads.safetensors", "was trained with num_heads=8, the model is built with num_heads=2"),
     ("empty.safetensors", "is empty (0 bytes)"),
     ("random.safetensors", "is not a readable safetensors file"),
     ("random.pth", "is not a PyTorch checkpoint: it is neither a PyTorch archive, a pickle nor safetensors"),
     ("evil.pth", "refused to load"),
-])
-def test_init_files_that_cannot_be_used_stop_in_one_line(files, tmp_path, env, name, message):
+]
+
+
+@pytest.mark.parametrize("name, message", INIT_FILES)
+def test_init_files_that_cannot_be_used_are_refused_saying_why(files, name, message):
+    from ssl_vit import create_encoder, load_weights
+    from ssl_vit.checkpoint import CheckpointError
+
+    encoder = create_encoder("vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    with pytest.raises(CheckpointError) as error:
+        load_weights(encoder, files / name, verbose=False, min_encoder_fraction=0.5)
+    assert message in str(error.value) and not (files / "PWNED").exists()
+
+
+@pytest.mark.parametrize("name, message", [INIT_FILES[0], INIT_FILES[-1]])
+def test_a_run_given_such_a_file_stops_in_one_line(files, tmp_path, env, name, message):
     result = run(mae(tmp_path / "run", f"init={files / name}"), env, expect=2)
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and not (files / "PWNED").exists()
@@ -287,10 +303,18 @@ def test_a_prefixed_state_dict_loads_and_says_so(files):
     (["model.img_size=33"], "model.img_size=33 is not a multiple of the 8-pixel patches"),
     (["train.output_dir=${oops}"], "train.output_dir"),
 ])
-def test_bad_values_stop_in_one_line(tmp_path, env, args, message):
-    output = [] if any(a.startswith("train.output_dir") for a in args) else [f"train.output_dir={tmp_path / 'run'}"]
-    result = run([*PRETRAIN, "recipe=mae_tiny_digits", *TINY_MAE, *output, *args], env, expect=2)
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_bad_values_are_refused(args, message):
+    from ssl_vit import config
+
+    with pytest.raises(ConfigError) as error:
+        config.load(["recipe=mae_tiny_digits", *TINY_MAE, *args])
+    assert message in str(error.value)
+
+
+def test_a_bad_value_stops_a_run_in_one_line(tmp_path, env):
+    result = run([*PRETRAIN, "recipe=mae_tiny_digits", *TINY_MAE, f"train.output_dir={tmp_path / 'run'}",
+                  "optim.blr=nan"], env, expect=2)
+    assert "optim.blr=nan is not a finite number" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_an_output_folder_that_cannot_be_written_stops_before_training(tmp_path, env):
@@ -310,12 +334,23 @@ def test_an_output_folder_that_cannot_be_written_stops_before_training(tmp_path,
 
 
 @pytest.mark.parametrize("content", ["empty tar", "zero bytes", "random bytes"])
-def test_unreadable_tars_stop_in_one_line(tmp_path, env, content):
+def test_unreadable_tars_stop_the_stream_saying_so(tmp_path, content):
+    from ssl_vit.data.loaders import checked
+    from ssl_vit.data.stream import ShardStream, make_loader
+
     shard = tmp_path / "bad-000000.tar"
     if content == "empty tar":
         _tar(shard, {})
     else:
         shard.write_bytes(b"" if content == "zero bytes" else os.urandom(10000))
+    stream = ShardStream([str(shard)], lambda data: data, batch_size=2, training=True, batches_per_epoch=2)
+    with pytest.raises(ConfigError, match=r"no readable samples in 1 shard\(s\)"):
+        list(checked(make_loader(stream, 0)))
+
+
+def test_an_unreadable_tar_stops_a_run_in_one_line(tmp_path, env):
+    shard = tmp_path / "bad-000000.tar"
+    shard.write_bytes(os.urandom(10000))
     result = run(mae(tmp_path / "run", "data.name=shards", f"data.train={shard}", "data.samples_per_epoch=64",
                      "eval.knn_every=0"), env, expect=2, timeout=120)
     assert "no readable samples in 1 shard(s)" in result.stderr and "Traceback" not in result.stderr
@@ -335,7 +370,7 @@ def test_unlabelled_shards_for_a_classifier_stop_in_one_line(tmp_path, env):
 
 
 def test_the_two_process_batch_error_is_one_line_with_a_command_that_works(tmp_path, env):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29562",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits", f"train.output_dir={tmp_path / 'run'}"]
     result = run(command, env, expect=1)
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]

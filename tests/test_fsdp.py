@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_VIT
+from conftest import ROOT, TINY_VIT, free_port
 from conftest import run_command as run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
@@ -63,7 +63,7 @@ def test_two_sharded_processes_give_the_losses_and_weights_of_one(tmp_path, env)
     images and masks: the same loss at every step and the same final weights (to fp32 rounding:
     the sum of the gradients runs in another order), and exports with the same keys."""
     one, single = _steps(tmp_path, env, "one", [sys.executable], [])
-    two, sharded = _steps(tmp_path, env, "two", [*TORCHRUN, "29571"], ["train.sharding=fsdp"])
+    two, sharded = _steps(tmp_path, env, "two", [*TORCHRUN, free_port()], ["train.sharding=fsdp"])
     assert not single["sharded"] and sharded["sharded"] and sharded["dtensor"] == "DTensor"
     assert sharded["losses"] == pytest.approx(single["losses"], rel=1e-5)
     for name in ("model.safetensors", "backbone.safetensors"):
@@ -75,14 +75,15 @@ def test_two_sharded_processes_give_the_losses_and_weights_of_one(tmp_path, env)
     assert description["encoder"] == json.loads((one / "backbone.json").read_text())["encoder"]
 
 
+@pytest.mark.slow  # 2 sharded processes, three runs; test_two_sharded_processes_... stays in the quick suite
 def test_a_sharded_run_resumes_exactly(tmp_path, env):
     """Distributed checkpoints on 2 processes: stopped after step 2 and resumed, the final weights
     are bit-identical to an unbroken run's."""
     base = [str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits", *TINY_MAE, "train.sharding=fsdp",
             "train.checkpoint_every=2", "train.keep_checkpoints=3"]
-    run([*TORCHRUN, "29572", *base, f"train.output_dir={tmp_path / 'unbroken'}", "train.max_steps=4"], env)
-    run([*TORCHRUN, "29573", *base, f"train.output_dir={tmp_path / 'broken'}", "train.max_steps=2"], env)
-    result = run([*TORCHRUN, "29574", *base, f"train.output_dir={tmp_path / 'broken'}", "train.max_steps=4"], env)
+    run([*TORCHRUN, free_port(), *base, f"train.output_dir={tmp_path / 'unbroken'}", "train.max_steps=4"], env)
+    run([*TORCHRUN, free_port(), *base, f"train.output_dir={tmp_path / 'broken'}", "train.max_steps=2"], env)
+    result = run([*TORCHRUN, free_port(), *base, f"train.output_dir={tmp_path / 'broken'}", "train.max_steps=4"], env)
     assert "resumed from" in result.stdout and "fsdp: 3 blocks" in result.stdout
     saved = tmp_path / "broken" / "checkpoints" / "step_00000002"
     assert (saved / ".metadata").is_file() and sorted(p.name for p in saved.glob("*.distcp")) == ["__0_0.distcp",
@@ -119,7 +120,7 @@ trainer.close()
 def test_a_teacher_stays_whole_and_frozen_under_sharding(tmp_path, env):
     script = tmp_path / "teacher.py"
     script.write_text(TEACHER.format(root=str(ROOT), tiny=TINY_VIT, out=tmp_path))
-    run([*TORCHRUN, "29575", str(script)], env)
+    run([*TORCHRUN, free_port(), str(script)], env)
     kinds = json.loads((tmp_path / "kinds.json").read_text())
     assert kinds == {"student": ["DTensor"], "teacher": ["Parameter"], "frozen": True}
     assert (tmp_path / "run" / "model.safetensors").is_file()

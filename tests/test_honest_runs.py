@@ -239,6 +239,7 @@ def test_a_classifier_names_its_classes_and_predicts_files(classifier, tmp_path,
     assert "without a classifier" in bad.stderr
 
 
+@pytest.mark.slow  # importing transformers alone takes ~10 s
 def test_exports_load_in_hugging_face_transformers(classifier, tmp_path, env, tiny_mae_run):
     transformers = pytest.importorskip("transformers")
     from ssl_vit import create_encoder, load_weights
