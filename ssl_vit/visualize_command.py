@@ -47,7 +47,9 @@ Pictures of what a model does, written as one PNG with a row per image.
                 block `layer`) | rollout (with --rollout: attention rolled out through every block,
                 Abnar & Zuidema 2020). Heat maps are stretched to each map's own range (dark: little
                 attention, bright: most). init: any encoder (backbone.safetensors, model.safetensors,
-                timm, official MAE or DeiT checkpoints).
+                timm, official MAE or DeiT checkpoints). Swin (no class token): the attention each
+                token receives inside its window, tiled onto the stage's grid; --rollout stays
+                within the stage of block `layer`.
 
 options:
   init=PATH          the weights (required). For our exports the JSON beside them gives the
@@ -63,7 +65,7 @@ options:
   seed=0             reconstruct: the masks come from this seed; the same seed gives the same masks.
   mask_ratio=R       reconstruct: fraction of patches removed (default: the model's task.mask_ratio).
   --rollout          attention: add the rollout column (rollout=true).
-  layer=-1           attention: the block whose class-token attention is shown (-1: the last).
+  layer=-1           attention: the block whose attention is shown (-1: the last).
   --no-heads         attention: only the mean over heads, not each head (heads=false).
   recipe=NAME        a recipe for what the file does not say (default mae_base: ImageNet mean / std,
                      crop_pct 0.875); any recipe key (model.*, task.*, data.*) may be given, and

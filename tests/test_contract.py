@@ -142,6 +142,9 @@ TASK_RECIPES = {  # a CPU-sized recipe of each task
     "linear_probe": ["recipe=linprobe_digits", *TINY_VIT],
     "distill": ["recipe=deit_tiny_distilled_digits", *TINY_VIT, "task.distillation=none"],
     "toy_rotation": ["recipe=mae_tiny_digits", *TINY_VIT, "task.name=toy_rotation"],
+    "beit": ["recipe=beit_digits", *TINY_VIT, "task.num_mask_patches=6", "task.min_mask_patches_per_block=2",
+             "task.tokenizer.path=random"],
+    "dvae": ["recipe=dvae_digits", "model.hidden_dim=8", "model.code_dim=4", "model.vocab_size=32"],
 }
 
 
@@ -187,6 +190,10 @@ FAMILY_OPTIONS = {"vit": ("vit_tiny_patch16", dict(img_size=32, patch_size=8, em
                   "timm": ("timm:resnet18", dict(img_size=32)),
                   "beit": ("beit_base_patch16", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                                      use_shared_rel_pos_bias=True)),
+                  "swin": ("swin_tiny_patch4_window7", dict(img_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                                                            num_heads=[1, 2], window_size=4)),
+                  "dvae": ("dvae", dict(img_size=32, hidden_dim=8, num_downsamples=1, num_res_blocks=1, code_dim=4,
+                                        vocab_size=16)),
                   "toy_conv": ("toy_conv", dict(width=8, depth=2))}
 
 

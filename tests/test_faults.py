@@ -82,6 +82,7 @@ def test_signals_to_the_process_group_end_in_a_checkpoint(tmp_path, env, how):
     assert json.loads((out / "checkpoints" / saved / "train_state.json").read_text())["step"] == log_steps(out)[-1]
 
 
+@pytest.mark.slow  # 10-25 s: in `pytest -m slow` (and CI), to keep the quick suite near 9 minutes
 def test_sigterm_to_a_one_process_accelerate_launch_reaches_the_trainer(tmp_path, env):
     """`accelerate launch` with one process dies of SIGTERM without passing it on: the trainer, told
     by Linux that its launcher died, checkpoints and exits; a re-run waits for nothing stale."""

@@ -46,6 +46,7 @@ def test_shard_paths_with_a_digits_recipe_stop_and_say_data_name_shards(split):
 # 2. a resume with other settings stops; starting over moves the old run aside
 
 
+@pytest.mark.slow  # 10-25 s: in `pytest -m slow` (and CI), to keep the quick suite near 9 minutes
 def test_a_run_with_another_recipe_does_not_resume_the_old_one(tmp_path, env):
     out = tmp_path / "run"
     base = [*PRETRAIN, "recipe=mae_tiny_digits", f"train.output_dir={out}", *TINY_MAE]
@@ -75,6 +76,7 @@ def test_a_run_with_another_recipe_does_not_resume_the_old_one(tmp_path, env):
     assert "resumed from" in result.stdout and "step_00000001" in result.stdout
 
 
+@pytest.mark.slow  # 10-25 s: in `pytest -m slow` (and CI), to keep the quick suite near 9 minutes
 def test_going_back_to_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, env):
     out = tmp_path / "run"
     base = [*PRETRAIN, "recipe=mae_tiny_digits", f"train.output_dir={out}", *TINY_MAE, "train.checkpoint_every=1",
@@ -105,6 +107,7 @@ def test_a_changed_init_is_refused_rather_than_resumed(tmp_path, env, tiny_mae_r
 # 3. a random baseline built like the run it is compared with
 
 
+@pytest.mark.slow  # 10-25 s: in `pytest -m slow` (and CI), to keep the quick suite near 9 minutes
 def test_random_baselines_take_the_architecture_of_a_run(tmp_path, env, tiny_mae_run):
     out = tmp_path / "random_probe"
     result = run([*tool("linear_probe"), "recipe=linprobe_digits", "init=random", f"like={tiny_mae_run}",

@@ -166,6 +166,7 @@ close_processes(accelerator)
 """
 
 
+@pytest.mark.slow  # 10-25 s: in `pytest -m slow` (and CI), to keep the quick suite near 9 minutes
 def test_validation_accuracy_is_the_same_on_one_and_two_processes(tmp_path, env):
     results = {}
     for name, launcher in (("one", [sys.executable]), ("two", [*TORCHRUN, free_port()])):

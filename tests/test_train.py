@@ -256,6 +256,7 @@ def test_accumulation_and_processes_give_the_same_gradients(tmp_path, cache):
         assert torch.allclose(value, grads["double"][key], atol=1e-6, rtol=1e-4), key
 
 
+@pytest.mark.slow  # 10-25 s: in `pytest -m slow` (and CI), to keep the quick suite near 9 minutes
 def test_slurm_script_checkpoints_at_the_time_limit_and_requeues(tmp_path, cache):
     """tools/slurm_pretrain.sh with stand-ins for srun and scontrol, 2 CPU processes under
     `accelerate launch`: SLURM's warning (SIGUSR1 to the batch script) makes the run checkpoint and
