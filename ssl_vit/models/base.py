@@ -34,7 +34,7 @@ evaluation and exports never ask which family they hold:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -133,6 +133,19 @@ class EncoderFamily:
                        rollout: bool = False) -> dict[str, torch.Tensor]:
         """Where the encoder looks, on its patch grid: {"mean": [B, h, w], "head i": ..., "rollout": ...}."""
         raise ConfigError(f"{encoder.config.get('arch')} encoders ({cls.name} family) have no attention maps to draw")
+
+
+def named_size_kwargs(arch: str, archs: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any],
+                      valid: Sequence[str], hint: str = "") -> dict[str, Any]:
+    """The constructor arguments of the named size `arch` with `options` over them (None: the size's
+    own value). An unknown size or option stops, naming the valid ones (`hint` adds to the first)."""
+    if arch not in archs:
+        raise ConfigError(f"unknown encoder {arch!r}; choose one of {', '.join(archs)}{hint}")
+    unknown = set(options) - set(valid)
+    if unknown:
+        raise TypeError(f"create_encoder({arch!r}) got unknown option(s) {sorted(unknown)}; "
+                        f"valid options: {', '.join(valid)}")
+    return {**archs[arch], **{k: v for k, v in options.items() if v is not None}}
 
 
 def drop_other_heads(encoder: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:

@@ -36,7 +36,8 @@ from timm.models._manipulate import checkpoint
 from timm.models.beit import Beit
 
 from ..config import ConfigError, ModelConfig, check_choice
-from .base import CheckpointError, EncoderFamily, LoadReport, drop_other_heads, register_family, shape_text
+from .base import (CheckpointError, EncoderFamily, LoadReport, drop_other_heads, named_size_kwargs, register_family,
+                   shape_text)
 from .mask_token import new_mask_token, replace_masked_patches
 from .vit_options import check_divisible, pair
 
@@ -262,13 +263,7 @@ class BEiTFamily(EncoderFamily):
     def create(cls, arch: str = "beit_base_patch16", **options: Any) -> BEiT:
         """A named size; any constructor argument of `BEiT` may be overridden."""
         arch = options.pop("arch", arch)
-        if arch not in ARCHS:
-            raise ConfigError(f"unknown encoder {arch!r}; choose one of {', '.join(ARCHS)}")
-        unknown = set(options) - set(ENCODER_OPTIONS)
-        if unknown:
-            raise TypeError(f"create_encoder({arch!r}) got unknown option(s) {sorted(unknown)}; "
-                            f"valid options: {', '.join(ENCODER_OPTIONS)}")
-        return BEiT(arch=arch, **{**ARCHS[arch], **{k: v for k, v in options.items() if v is not None}})
+        return BEiT(arch=arch, **named_size_kwargs(arch, ARCHS, options, ENCODER_OPTIONS))
 
     @classmethod
     def fit_state_dict(cls, encoder: BEiT, state: dict[str, torch.Tensor], metadata: Mapping[str, str],

@@ -38,7 +38,7 @@ from einops import rearrange
 from timm.models.swin_transformer import SwinTransformer
 
 from ..config import ConfigError, ModelConfig
-from .base import EncoderFamily, LoadReport, register_family
+from .base import EncoderFamily, LoadReport, named_size_kwargs, register_family
 from .mask_token import new_mask_token, replace_masked_patches
 from .vit_options import pair
 
@@ -270,13 +270,7 @@ class SwinFamily(EncoderFamily):
     def create(cls, arch: str = "swin_tiny_patch4_window7", **options: Any) -> Swin:
         """A named size; any constructor argument of `Swin` may be overridden."""
         arch = options.pop("arch", arch)
-        if arch not in ARCHS:
-            raise ConfigError(f"unknown encoder {arch!r}; choose one of {', '.join(ARCHS)}")
-        unknown = set(options) - set(ENCODER_OPTIONS)
-        if unknown:
-            raise TypeError(f"create_encoder({arch!r}) got unknown option(s) {sorted(unknown)}; "
-                            f"valid options: {', '.join(ENCODER_OPTIONS)}")
-        return Swin(arch=arch, **{**ARCHS[arch], **{k: v for k, v in options.items() if v is not None}})
+        return Swin(arch=arch, **named_size_kwargs(arch, ARCHS, options, ENCODER_OPTIONS))
 
     @classmethod
     def fit_state_dict(cls, encoder: Swin, state: dict[str, torch.Tensor], metadata: Mapping[str, str],

@@ -29,7 +29,7 @@ from timm.models import checkpoint_seq, named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from ..config import ConfigError, ModelConfig, check_choice
-from .base import EncoderFamily, LoadReport, register_family
+from .base import EncoderFamily, LoadReport, named_size_kwargs, register_family
 from .mask_token import new_mask_token, replace_masked_patches
 from .vit_options import POS_EMBEDS, check_divisible, check_options, hybrid_backbone, pair
 from .vit_positions import learned_2d_table, sincos_2d_pos_embed
@@ -359,14 +359,8 @@ class ViT(EncoderFamily):
     def create(cls, arch: str = "vit_base_patch16", **options: Any) -> VisionTransformer:
         """A named size; any constructor argument of `VisionTransformer` may be overridden."""
         arch = options.pop("arch", arch)
-        if arch not in ARCHS:
-            raise ConfigError(f"unknown encoder {arch!r}; choose one of {', '.join(ARCHS)} "
-                              "(and override embed_dim/depth/num_heads/patch_size for custom sizes)")
-        unknown = set(options) - set(ENCODER_OPTIONS)
-        if unknown:
-            raise TypeError(f"create_encoder({arch!r}) got unknown option(s) {sorted(unknown)}; "
-                            f"valid options: {', '.join(ENCODER_OPTIONS)}")
-        kwargs = {**ARCHS[arch], **{k: v for k, v in options.items() if v is not None}}
+        kwargs = named_size_kwargs(arch, ARCHS, options, ENCODER_OPTIONS,
+                                   hint=" (and override embed_dim/depth/num_heads/patch_size for custom sizes)")
         if kwargs.get("patch_embed") == "hybrid" and options.get("patch_size") is None:
             kwargs["patch_size"] = 1  # one token per CNN feature-map cell, as the ViT paper's hybrids
         return VisionTransformer(arch=arch, **kwargs)

@@ -79,6 +79,34 @@ class RunContext:
     print: Any
 
 
+class HoldsFrozenModule:
+    """For a task that keeps a frozen module (DeiT's teacher, BEiT's tokenizer) as a plain attribute
+    named `frozen_module`, outside the module tree: not in the state dict (checkpoints, exports), the
+    optimizer, DDP / FSDP or EMA copies. Copies of the task (timm's EMA deep-copies it) share the
+    module, and `.to()` moves it with the task, so it runs on the device in the data-parallel step.
+    Put it before Task among the bases."""
+    frozen_module: ClassVar[str]
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        frozen = self.__dict__.get(self.frozen_module)
+        if frozen is not None:
+            memo[id(frozen)] = frozen
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+        return copied
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        frozen = self.__dict__.get(self.frozen_module)
+        if frozen is not None:
+            frozen._apply(fn, recurse)
+        return self
+
+
 class Task(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type] = TaskConfig

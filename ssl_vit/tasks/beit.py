@@ -37,7 +37,7 @@ from ..config import ConfigError, TaskConfig
 from ..masking import BlockwiseMaskGenerator
 from ..models import LoadReport, build_encoder
 from ..tokenizers import RANDOM, Tokenizer, build_tokenizer, read_description, tokenizer_stride
-from .base import Task, register_task
+from .base import HoldsFrozenModule, Task, register_task
 
 INIT_STD = 0.02                           # unilm beit/modeling_pretrain.py `init_std`, lm_head included
 BEIT_FORMAT = "official BEiT (unilm pre-training, with lm_head)"
@@ -71,10 +71,11 @@ class BEiTOutput:
 
 
 @register_task
-class BEiT(Task):
+class BEiT(HoldsFrozenModule, Task):
     """BEiT pre-training (Bao et al. 2022): blockwise-masked patches, their visual tokens predicted."""
     name = "beit"
     Config = BEiTConfig
+    frozen_module = "tokenizer"           # outside the state dict, optimizer, DDP / FSDP and EMA (HoldsFrozenModule)
     evaluation = "knn"                    # the k-NN monitor, when eval.knn_every is set
     encoder_forwards = frozenset({"mask_token"})
 
@@ -212,25 +213,6 @@ class BEiT(Task):
         loss, accuracy = self.forward_loss(logits, targets, valid)
         return BEiTOutput(loss=loss, logits=logits, valid=valid, targets=targets, mask=mask, tokens=tokens,
                           metrics={"mlm_top1": accuracy.detach()})
-
-    # ---------------------------------------------------------------------------------------
-    # the frozen tokenizer stays outside the module tree (as tasks/distill.py's teacher)
-
-    def __deepcopy__(self, memo):
-        """Copies (timm's EMA deep-copies the task) share the frozen tokenizer."""
-        import copy
-
-        memo[id(self.tokenizer)] = self.tokenizer
-        copied = self.__class__.__new__(self.__class__)
-        memo[id(self)] = copied
-        for key, value in self.__dict__.items():
-            copied.__dict__[key] = copy.deepcopy(value, memo)
-        return copied
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.tokenizer._apply(fn, recurse)
-        return self
 
     # ---------------------------------------------------------------------------------------
     # what the rest of ssl_vit asks of a task (model.safetensors: the default export_state gives

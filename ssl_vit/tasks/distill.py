@@ -27,7 +27,7 @@ from timm.data import Mixup
 
 from ..config import ConfigError, check_choice
 from ..models import build_encoder
-from .base import register_task
+from .base import HoldsFrozenModule, register_task
 from .classify import Classify, ClassifyConfig, build_mixup
 
 
@@ -112,12 +112,13 @@ class Teacher(nn.Module):
 
 
 @register_task
-class Distill(Classify):
+class Distill(HoldsFrozenModule, Classify):
     """DeiT distillation: a distillation token taught by a frozen teacher (Touvron et al. 2021).
     The teacher is held outside the module tree: not in `state_dict` (checkpoints, exports), the
     optimizer or DDP; `.to()` still moves it."""
     name = "distill"
     Config = DistillConfig
+    frozen_module = "teacher"             # copies share it: a RegNetY-16GF is 84M parameters that never change
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -184,24 +185,6 @@ class Distill(Classify):
         if targets is labels:
             metrics["train_top1"] = 100.0 * ((cls_logits + dist_logits).argmax(1) == labels).float().mean()
         return DistillOutput(loss=loss, logits=(cls_logits + dist_logits) / 2, metrics=metrics)
-
-    def __deepcopy__(self, memo):
-        """Copies (timm's EMA of the weights deep-copies the task) share the frozen teacher: a
-        RegNetY-16GF is 84M parameters that never change."""
-        import copy
-
-        memo[id(self.teacher)] = self.teacher
-        copied = self.__class__.__new__(self.__class__)
-        memo[id(self)] = copied
-        for key, value in self.__dict__.items():
-            copied.__dict__[key] = copy.deepcopy(value, memo)
-        return copied
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        if self.teacher is not None:
-            self.teacher._apply(fn, recurse)
-        return self
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
