@@ -126,6 +126,7 @@ def runnable_recipes(accepts) -> list[str]:
 
 
 def _train(argv, command: str, accepts, what: str, needs_init: bool) -> int:
+    from .data.worker_start import start_worker_server
     from .run_state import catch_stop_signals_early
 
     catch_stop_signals_early()
@@ -138,6 +139,7 @@ def _train(argv, command: str, accepts, what: str, needs_init: bool) -> int:
         return 0
     _require(cfg, command, accepts, what, needs_init)
     check_before_start(cfg)
+    start_worker_server()  # several processes: it loads torch while the trainer builds (data/worker_start.py)
     trainer = Trainer(cfg)
     code = trainer.run()
     trainer.close()
@@ -190,6 +192,7 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
 
     from .checkpoint import load_weights
     from .data import DeviceNormalize, num_classes, shard_source
+    from .data.worker_start import start_worker_server
     from .evaluate import knn_evaluate
     from .models import build_encoder, describe_encoder
     from .outputs import write_metrics
@@ -204,6 +207,7 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError("knn.py needs init=PATH (an encoder's weights) or init=random like=<an export or run "
                           "folder> for a randomly initialised encoder of the same architecture")
     config.check_data(cfg, ("train", "val"))
+    start_worker_server()  # several processes: it loads torch while the encoder loads (data/worker_start.py)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.train.precision))
     if cfg.init == "random":
         torch.manual_seed(cfg.train.seed)  # the encoder's initialisation

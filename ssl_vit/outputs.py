@@ -13,6 +13,7 @@ tools adopt (`init=runs/x/backbone.safetensors` is all a user types).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -59,7 +60,9 @@ def write_metrics(output_dir: Path, cfg, metrics: dict, *, step: Optional[int] =
     record["provenance"] = provenance(cfg)
     path = output_dir / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)  # a kill while writing never leaves a cut metrics.json (a rerun would keep it)
     return f"final: {describe_metrics(metrics, best, step)}; {path}"
 
 

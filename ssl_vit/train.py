@@ -207,11 +207,7 @@ class Trainer:
         accelerator, plan = self.accelerator, self.plan
         resumed = self._resume()
         if self.state.step >= plan.stop_step:
-            # a finished run is left as it is (its exports, metrics and logs); only missing exports are written
-            self._print(f"nothing to do: the run in {self.output_dir} is at step {self.state.step} of {plan.stop_step}")
-            if not (self.output_dir / "model.safetensors").is_file():
-                self._export()
-            return 0
+            return self._finish_a_finished_run()
         self._write_run_files(resumed)
         progress = self._progress_bar()
         window = _Window()
@@ -243,6 +239,28 @@ class Trainer:
         self._export()
         self._write_metrics(final)
         accelerator.end_training()
+        self._print(f"done: {self.state.step} steps, {self.state.samples_seen} samples; outputs in {self.output_dir}")
+        return 0
+
+    def _finish_a_finished_run(self) -> int:
+        """A run already at its last step is left as it is (its exports, metrics and logs). A stop after
+        its last checkpoint but before its outputs were written (the periodic checkpoint can fall on the
+        last step) left them missing: the final evaluation, export and metrics.json are written now."""
+        expected = ["model.safetensors"] + (["metrics.json"] if self.evaluator is not None else [])
+        missing = [name for name in expected if not (self.output_dir / name).is_file()]
+        if self.accelerator.num_processes > 1:  # what rank 0 sees decides: the evaluation is a collective
+            from accelerate.utils import broadcast_object_list
+
+            missing = broadcast_object_list([missing])[0]
+        where = f"the run in {self.output_dir} is at step {self.state.step} of {self.plan.stop_step}"
+        if not missing:
+            self._print(f"nothing to do: {where}")
+            return 0
+        self._print(f"{where} but {' and '.join(missing)} were not written (it was stopped before its end): "
+                    "writing its final outputs")
+        final = self._evaluate() if self.evaluator is not None else None
+        self._export()
+        self._write_metrics(final)
         self._print(f"done: {self.state.step} steps, {self.state.samples_seen} samples; outputs in {self.output_dir}")
         return 0
 

@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,13 @@ def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return str(probe.getsockname()[1])
+
+
+def main_script(code: str) -> str:
+    """A test's Python script written as users must write theirs for multi-process runs: its work under
+    `if __name__ == "__main__":`. The data-loader workers of a multi-process run start from a fork
+    server, which imports the main script once; unguarded, the script would run again in there."""
+    return 'if __name__ == "__main__":\n' + textwrap.indent(textwrap.dedent(code).strip("\n"), "    ") + "\n"
 
 
 def run_command(command, env, expect=0, timeout=600):

@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, main_script
 from ssl_vit import config
 from ssl_vit.config import ConfigError
 from ssl_vit.data import DeviceNormalize, build_eval_loader, build_train_loader, shard_source
@@ -321,7 +321,7 @@ def test_two_processes_split_the_data_exactly(tmp_path):
     """A real 2-process run (torchrun): uneven shards, equal training batches, exact evaluation."""
     urls, counts = _toy_shards(tmp_path)
     script = tmp_path / "worker.py"
-    script.write_text(f"""
+    script.write_text(main_script(f"""
 import json, os, sys
 sys.path.insert(0, {str(ROOT)!r})
 from ssl_vit.data.stream import ShardStream, make_loader
@@ -334,7 +334,7 @@ val = ShardStream(urls, decode_uint8, batch_size=3, training=False, rank=rank, w
 out = dict(train=[k for b in make_loader(train, 2) for k in b["keys"]],
            val=[int(x) for b in make_loader(val, 2) for x in b["labels"]])
 json.dump(out, open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w"))
-""")
+"""))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", free_port(), str(script)], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -342,6 +342,47 @@ json.dump(out, open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w"))
     assert [len(r["train"]) for r in ranks] == [8, 8]
     assert len(set(ranks[0]["train"]) | set(ranks[1]["train"])) == 16
     assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(20))
+
+
+LOADER_STARTS = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from ssl_vit.data.stream import ShardStream, make_loader
+from ssl_vit.data.transforms import decode_uint8
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+stream = ShardStream({urls!r}, decode_uint8, batch_size=3, training=False, rank=rank, world_size=world,
+                     counts={counts!r})
+for start in range({starts}):
+    features = torch.randn(20000)
+    gathered = [torch.empty_like(features) for _ in range(world)]
+    dist.all_gather(gathered, features)  # the process group's threads are still at work when the workers start
+    assert sum(len(batch["labels"]) for batch in make_loader(stream, 2)) > 0
+    if rank == 0 and start % 50 == 0:
+        print("loader starts:", start, flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # about 30 s
+def test_loader_workers_start_safely_beside_a_process_group(tmp_path):
+    """Each rank starts a fresh loader's 2 workers right after a collective, 200 times. Forked from the
+    rank (which has the process group's threads), a worker could hang for ever inside fork(): 6 of 10
+    such runs hung. From the fork server that multi-process runs use (data/worker_start.py), none of 6."""
+    urls, counts = _toy_shards(tmp_path)
+    script = tmp_path / "starts.py"
+    script.write_text(main_script(LOADER_STARTS.format(root=str(ROOT), urls=urls, counts=counts, starts=200)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+               str(script)]
+    launched = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = launched.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        launched.terminate()  # torchrun then ends its ranks (each in a session of its own), hung or not
+        out, err = launched.communicate(timeout=120)
+        pytest.fail(f"a rank hung while starting its loader workers (after 240 s): {out[-300:]}")
+    assert launched.returncode == 0, err[-2000:]
 
 
 def test_crop_decoded_at_reduced_scale_matches_the_full_decode():

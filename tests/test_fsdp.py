@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_VIT, free_port
+from conftest import ROOT, TINY_VIT, free_port, main_script
 from conftest import run_command as run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
@@ -52,7 +52,7 @@ def _steps(tmp_path, env, name, launcher, extra):
     out = tmp_path / name
     out.mkdir()
     script = tmp_path / f"{name}.py"
-    script.write_text(STEPS.format(root=str(ROOT), tiny=TINY_MAE, out=out, extra=extra))
+    script.write_text(main_script(STEPS.format(root=str(ROOT), tiny=TINY_MAE, out=out, extra=extra)))
     result = subprocess.run([*launcher, str(script)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, json.loads((out / "steps.json").read_text())
@@ -119,7 +119,7 @@ trainer.close()
 
 def test_a_teacher_stays_whole_and_frozen_under_sharding(tmp_path, env):
     script = tmp_path / "teacher.py"
-    script.write_text(TEACHER.format(root=str(ROOT), tiny=TINY_VIT, out=tmp_path))
+    script.write_text(main_script(TEACHER.format(root=str(ROOT), tiny=TINY_VIT, out=tmp_path)))
     run([*TORCHRUN, free_port(), str(script)], env)
     kinds = json.loads((tmp_path / "kinds.json").read_text())
     assert kinds == {"student": ["DTensor"], "teacher": ["Parameter"], "frozen": True}

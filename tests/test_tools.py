@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, main_script
 from conftest import run_command as run
 from ssl_vit import config, create_encoder, load_weights
 
@@ -171,7 +171,7 @@ def test_validation_accuracy_is_the_same_on_one_and_two_processes(tmp_path, env)
     results = {}
     for name, launcher in (("one", [sys.executable]), ("two", [*TORCHRUN, free_port()])):
         script = tmp_path / f"{name}.py"
-        script.write_text(VALIDATION.format(root=str(ROOT), out=str(tmp_path / f"{name}.json")))
+        script.write_text(main_script(VALIDATION.format(root=str(ROOT), out=str(tmp_path / f"{name}.json"))))
         run([*launcher, str(script)], env)
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert results["one"]["num_samples"] == results["two"]["num_samples"] == 360

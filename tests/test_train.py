@@ -13,7 +13,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port
+from conftest import free_port, main_script
 from ssl_vit import config
 from ssl_vit.optim import Schedule
 from ssl_vit.train import make_plan
@@ -135,6 +135,23 @@ def test_rerunning_a_finished_run_leaves_it_as_it_is(tmp_path, cache):
     assert not changed, f"rewritten by a run that had nothing to do: {changed}"
 
 
+def test_a_run_stopped_after_its_last_checkpoint_writes_its_final_outputs_when_rerun(tmp_path, cache):
+    """The periodic checkpoint can fall on the last step: a kill right after it left a run at its last
+    step without its export and metrics.json. The rerun writes them (the same numbers), not "nothing to do"."""
+    out = tmp_path / "run"
+    pretrain(out, cache, "train.max_steps=2")
+    metrics_before, weights_before = json.loads((out / "metrics.json").read_text()), _final_weights(out)
+    (out / "metrics.json").unlink()
+    (out / "model.safetensors").unlink()
+    result = pretrain(out, cache, "train.max_steps=2")
+    assert "metrics.json were not written" in result.stdout and "nothing to do" not in result.stdout
+    metrics_after = json.loads((out / "metrics.json").read_text())
+    assert metrics_after["top1"] == metrics_before["top1"] and metrics_after["step"] == metrics_before["step"] == 2
+    weights_after = _final_weights(out)
+    assert weights_after.keys() == weights_before.keys()
+    assert all(torch.equal(weights_after[k], weights_before[k]) for k in weights_before)
+
+
 def _final_weights(out):
     return load_file(Path(out) / "model.safetensors")
 
@@ -246,7 +263,7 @@ def test_accumulation_and_processes_give_the_same_gradients(tmp_path, cache):
         out = tmp_path / name
         out.mkdir()
         script = tmp_path / f"{name}.py"
-        script.write_text(GRADIENTS.format(root=str(ROOT), tiny=TINY, out=out))
+        script.write_text(main_script(GRADIENTS.format(root=str(ROOT), tiny=TINY, out=out)))
         result = subprocess.run([*launcher, str(script)], capture_output=True, text=True, env=env_with(cache),
                                 timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
