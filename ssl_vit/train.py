@@ -204,7 +204,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        accelerator, plan = self.accelerator, self.plan
+        plan = self.plan
         resumed = self._resume()
         if self.state.step >= plan.stop_step:
             return self._finish_a_finished_run()
@@ -234,13 +234,7 @@ class Trainer:
         progress.close()
         if exit_code is not None:
             return exit_code
-        final = self._evaluate() if self.evaluator is not None else None
-        self._save_checkpoint()
-        self._export()
-        self._write_metrics(final)
-        accelerator.end_training()
-        self._print(f"done: {self.state.step} steps, {self.state.samples_seen} samples; outputs in {self.output_dir}")
-        return 0
+        return self._finish(checkpoint=True)
 
     def _finish_a_finished_run(self) -> int:
         """A run already at its last step is left as it is (its exports, metrics and logs). A stop after
@@ -258,9 +252,16 @@ class Trainer:
             return 0
         self._print(f"{where} but {' and '.join(missing)} were not written (it was stopped before its end): "
                     "writing its final outputs")
+        return self._finish(checkpoint=False)  # the checkpoint of the last step is there: it was resumed
+
+    def _finish(self, checkpoint: bool) -> int:
+        """The end of a run: the final evaluation, the last checkpoint, the exports, metrics.json."""
         final = self._evaluate() if self.evaluator is not None else None
+        if checkpoint:
+            self._save_checkpoint()
         self._export()
         self._write_metrics(final)
+        self.accelerator.end_training()
         self._print(f"done: {self.state.step} steps, {self.state.samples_seen} samples; outputs in {self.output_dir}")
         return 0
 

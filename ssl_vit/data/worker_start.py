@@ -28,19 +28,18 @@ PRELOAD = ["ssl_vit.data.fork_server_preload"]  # torch and the loader's modules
 def worker_start_method() -> Optional[str]:
     """DataLoader's multiprocessing_context: None (fork, no start-up cost) in a one-process run,
     "forkserver" under a launcher with several processes (the server is started if it is not yet)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    start_worker_server()
-    return "forkserver"
+    return "forkserver" if start_worker_server() else None
 
 
-def start_worker_server() -> None:
-    """Start the fork server of a multi-process run (once; nothing in a one-process run). The commands
-    call it before they build the model, so that the server imports torch meanwhile."""
+def start_worker_server() -> bool:
+    """Start the fork server of a multi-process run (once), and say whether there is one (none in a
+    one-process run). The commands call it before they build the model, so that the server imports
+    torch meanwhile."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
+        return False
     import multiprocessing
     from multiprocessing import forkserver
 
     multiprocessing.set_forkserver_preload(PRELOAD)
-    forkserver.ensure_running()
+    forkserver.ensure_running()  # returns at once when it runs already
+    return True
