@@ -34,6 +34,29 @@ def main_script(code: str) -> str:
     return 'if __name__ == "__main__":\n' + textwrap.indent(textwrap.dedent(code).strip("\n"), "    ") + "\n"
 
 
+def check_backbone_export_loads_in_timm(encoder, folder: Path, timm_class: str) -> None:
+    """An encoder with a mask token, exported as a backbone: the JSON's load_with_timm command builds
+    timm's `timm_class` from the file (strict, so no mask token in it), which computes the encoder's
+    pooled features; and the JSON's encoder settings rebuild ours, which loads the file strictly."""
+    import json
+
+    import timm
+    import torch
+
+    from ssl_vit import create_encoder, export_backbone, load_weights
+
+    export_backbone(encoder, folder / "backbone.safetensors")
+    description = json.loads((folder / "backbone.json").read_text())
+    theirs = eval(description["load_with_timm"], {"timm": timm}).eval()  # pretrained=True from the file: strict
+    assert type(theirs).__name__ == timm_class and "mask_token" not in theirs.state_dict()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = encoder.forward_head(encoder.forward_features(images), pre_logits=True)
+        assert (theirs(images) - expected).abs().max().item() < 1e-5
+    again = create_encoder(**description["encoder"])
+    load_weights(again, folder / "backbone.safetensors", strict=True, verbose=False)
+
+
 def run_command(command, env, expect=0, timeout=600):
     """Run a command line (a list, as users type it) and check its exit code; returns the result."""
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)

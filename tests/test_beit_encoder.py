@@ -1,6 +1,5 @@
 """The BEiT encoder family against timm's Beit (keys, features, loading back exports, resized tables)
 and against BEiT's reference maths (the mask-token forward, the initialisation, attention maps)."""
-import json
 import math
 
 import pytest
@@ -8,7 +7,8 @@ import timm
 import torch
 from timm.models.beit import checkpoint_filter_fn
 
-from ssl_vit import create_encoder, export_backbone, load_weights
+from conftest import check_backbone_export_loads_in_timm
+from ssl_vit import create_encoder, load_weights
 from ssl_vit.models import family_of
 from ssl_vit.models.beit import recompute_beit_attention
 from ssl_vit.models.vit_attention import AttentionRecorder
@@ -64,16 +64,7 @@ def test_exports_load_back_into_timms_beit_by_the_json_command(tmp_path, mode):
     encoder = randomized(create_encoder("beit_base_patch16", num_classes=5, global_pool=pool, **TINY,
                                         **MODES[mode])).eval()
     encoder.add_mask_token()  # kept out of the backbone: timm's Beit has none
-    export_backbone(encoder, tmp_path / "backbone.safetensors")
-    description = json.loads((tmp_path / "backbone.json").read_text())
-    theirs = eval(description["load_with_timm"], {"timm": timm}).eval()   # pretrained=True from the file: strict
-    assert type(theirs).__name__ == "Beit" and "mask_token" not in theirs.state_dict()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = encoder.forward_head(encoder.forward_features(images), pre_logits=True)
-        assert _max_diff(theirs(images), expected) < 1e-5
-    again = create_encoder(**description["encoder"])
-    load_weights(again, tmp_path / "backbone.safetensors", strict=True, verbose=False)
+    check_backbone_export_loads_in_timm(encoder, tmp_path, "Beit")
 
 
 @pytest.mark.parametrize("mode", ["per-block", "shared"])

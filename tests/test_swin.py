@@ -12,7 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, check_backbone_export_loads_in_timm
 from conftest import run_command as run
 from ssl_vit import config, create_encoder, export_backbone, load_weights
 from ssl_vit.config import ConfigError
@@ -89,16 +89,7 @@ def test_exports_load_back_into_timm_by_the_json_command(tmp_path):
     torch.manual_seed(0)
     encoder = randomized(create_encoder("swin_tiny_patch4_window7", num_classes=5, **DIGITS)).eval()
     encoder.add_mask_token()  # kept out of the backbone: timm's Swin has none
-    export_backbone(encoder, tmp_path / "backbone.safetensors")
-    description = json.loads((tmp_path / "backbone.json").read_text())
-    theirs = eval(description["load_with_timm"], {"timm": timm}).eval()  # pretrained=True from the file: strict
-    assert type(theirs).__name__ == "SwinTransformer" and "mask_token" not in theirs.state_dict()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = encoder.forward_head(encoder.forward_features(images), pre_logits=True)
-        assert _max_diff(theirs(images), expected) < 1e-5
-    again = create_encoder(**description["encoder"])
-    load_weights(again, tmp_path / "backbone.safetensors", strict=True, verbose=False)
+    check_backbone_export_loads_in_timm(encoder, tmp_path, "SwinTransformer")
 
 
 @pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # torch's note on timm's own resize (the reference)
