@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from . import config
 from .config import ConfigError
+from .exits import exit_on_error
 
 
 def _argv(argv: Optional[Sequence[str]]) -> list[str]:
@@ -126,7 +127,7 @@ def runnable_recipes(accepts) -> list[str]:
 
 
 def _train(argv, command: str, accepts, what: str, needs_init: bool) -> int:
-    from .data.worker_start import start_worker_server
+    from .data.worker_start import ignore_stop_signals, start_worker_server
     from .run_state import catch_stop_signals_early
 
     catch_stop_signals_early()
@@ -143,6 +144,9 @@ def _train(argv, command: str, accepts, what: str, needs_init: bool) -> int:
     trainer = Trainer(cfg)
     code = trainer.run()
     trainer.close()
+    # nothing is left to save or to stop: a late Ctrl-C or SIGTERM would only print a traceback from
+    # inside Python's exit (its atexit callbacks), which takes a moment
+    ignore_stop_signals()
     return code
 
 
@@ -158,32 +162,49 @@ def check_before_start(cfg) -> None:
     check_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     folder = Path(cfg.train.output_dir).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.output_dir={cfg.train.output_dir}: cannot write into {existing} (permissions, or a "
-                          "file where a folder should be): give a train.output_dir you can write")
+    checkpoints = folder / "checkpoints"  # a resumed run's, maybe on another file system (a link)
+    for target in [existing] + ([checkpoints] if checkpoints.exists() else []):
+        problem = _cannot_write_into(target)
+        if problem:
+            raise ConfigError(f"train.output_dir={cfg.train.output_dir}: cannot write into {target} ({problem}): "
+                              "give a train.output_dir you can write, or make it writable")
 
 
-@config.exit_on_error
+def _cannot_write_into(folder: Path) -> Optional[str]:
+    """Why a folder cannot be written, found by writing: permission bits do not stop root, while a
+    read-only or full file system stops everyone."""
+    import tempfile
+
+    if not folder.is_dir():
+        return "a file where a folder should be"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write_check_", dir=folder))
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
+
+
+@exit_on_error
 def pretrain(argv: Optional[Sequence[str]] = None) -> int:
     """`accelerate launch pretrain.py recipe=NAME [key=value ...]`: any task."""
     return _train(argv, "pretrain.py", lambda task: True, "any task", needs_init=False)
 
 
-@config.exit_on_error
+@exit_on_error
 def finetune(argv: Optional[Sequence[str]] = None) -> int:
     """`accelerate launch tools/finetune.py recipe=finetune_base init=PATH [key=value ...]`."""
     return _train(argv, "finetune.py", lambda task: task.needs_labels and task.trains_encoder,
                   "tasks that train the encoder on labels", needs_init=True)
 
 
-@config.exit_on_error
+@exit_on_error
 def linear_probe(argv: Optional[Sequence[str]] = None) -> int:
     """`accelerate launch tools/linear_probe.py recipe=linprobe_base init=PATH [key=value ...]`."""
     return _train(argv, "linear_probe.py", lambda task: task.needs_labels and not task.trains_encoder,
                   "tasks that train heads on a frozen encoder", needs_init=True)
 
 
-@config.exit_on_error
+@exit_on_error
 def knn(argv: Optional[Sequence[str]] = None) -> int:
     """`python tools/knn.py init=PATH [recipe=NAME] [key=value ...]`: k-NN top-1 / top-5 of an encoder's
     features on data.val with data.train as memory (DINO's protocol), written to output_dir/metrics.json."""
@@ -199,7 +220,8 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
     from .train import close_processes, mixed_precision
 
     argv = _argv(argv)
-    cfg = load_config(argv, "knn.py", default_recipe="knn")
+    # the digits set without a recipe: the digits encoder (recipes/knn_digits.yaml), not ViT-B/16 at 224 px
+    cfg = load_config(argv, "knn.py", default_recipe="knn_digits" if "data.name=digits" in argv else "knn")
     if cfg.print_config:
         print(config.to_yaml(cfg), end="")
         return 0
@@ -213,7 +235,10 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
         torch.manual_seed(cfg.train.seed)  # the encoder's initialisation
     encoder = build_encoder(cfg.model, num_classes=0)
     if accelerator.is_main_process:
-        print(f"{'randomly initialised ' if cfg.init == 'random' else ''}{describe_encoder(encoder)}", flush=True)
+        choose = (f" (recipe {cfg.recipe}; another architecture: like=<an export or run folder>, model.arch=... or "
+                  "recipe=...)" if cfg.init == "random" and not cfg.like else "")
+        print(f"{'randomly initialised ' if cfg.init == 'random' else ''}{describe_encoder(encoder)}{choose}",
+              flush=True)
     if cfg.init != "random":
         load_weights(encoder, cfg.init, verbose=accelerator.is_main_process,
                      min_encoder_fraction=0.0 if cfg.init_partial else 0.5)

@@ -13,8 +13,6 @@ recipes say only what differs and cite where each value comes from.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -268,8 +266,17 @@ def validate(cfg: DictConfig) -> None:
                           "eval.knn_every >= 0")
     if cfg.data.train_transform == "randaug" and not cfg.data.auto_augment:
         raise ConfigError("data.train_transform=randaug needs data.auto_augment, e.g. rand-m9-mstd0.5-inc1")
+    if cfg.model.in_chans < 1:
+        raise ConfigError(f"model.in_chans={cfg.model.in_chans} must be positive (3 for RGB images)")
+    if not 0 <= cfg.model.drop_path_rate < 1:
+        raise ConfigError(f"model.drop_path_rate={cfg.model.drop_path_rate} must be in [0, 1), e.g. 0.1")
     if len(cfg.data.mean) != cfg.model.in_chans or len(cfg.data.std) != cfg.model.in_chans:
         raise ConfigError(f"data.mean / data.std need {cfg.model.in_chans} values (model.in_chans)")
+    if not all(math.isfinite(m) for m in cfg.data.mean) or not all(math.isfinite(v) and v > 0 for v in cfg.data.std):
+        # images are normalised as (x - mean) / std: a zero std makes every input inf or nan
+        raise ConfigError(f"data.mean={list(cfg.data.mean)} and data.std={list(cfg.data.std)}: the means must be finite "
+                          "and every std positive (the images are divided by it); ImageNet's are "
+                          "data.std=[0.229,0.224,0.225]")
     from .models import family_for_arch
     from .tasks import task_class
 
@@ -298,24 +305,6 @@ def check_data(cfg: DictConfig, splits: Optional[Sequence[str]] = None) -> None:
 
 def _show(value: Any) -> str:
     return str(OmegaConf.to_container(value)) if OmegaConf.is_config(value) else repr(value)
-
-
-def exit_on_error(fn):
-    """Decorator for command-line entry points: a ConfigError (or a file that cannot be loaded: a
-    CheckpointError) becomes one line on stderr, from the main process only, and exit code 2."""
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, RuntimeError) as e:
-            from .models.base import CheckpointError  # (imported only now: it imports torch)
-
-            if not isinstance(e, (ConfigError, CheckpointError)):
-                raise
-            if int(os.environ.get("RANK", "0")) == 0:  # one line, once, whatever the number of processes
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
 
 
 # loading lives in recipe_loading.py; `config.load(...)` is how the rest of ssl_vit calls it

@@ -6,12 +6,15 @@ duplicates, so the numbers are those of a single process on the whole split.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+# how a training run paces an evaluation's batches: a check for a stop request before each, agreed by
+# every rank (run_state.Preemption.rounds); None outside training (tools/knn.py)
+Rounds = Optional[Callable[[Iterable[dict]], Iterable[dict]]]
 
 
 def _sum_over_ranks(values: torch.Tensor, accelerator) -> torch.Tensor:
@@ -29,12 +32,12 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch
 
 @torch.no_grad()
 def evaluate(predict: Callable[[dict], Logits], batches: Iterable[dict], *, device, normalize=None,
-             accelerator=None, description: str = "evaluating") -> list[dict]:
+             accelerator=None, description: str = "evaluating", rounds: Rounds = None) -> list[dict]:
     """Top-1 / top-5 (percent) of `predict` over a split; `predict` takes the batch on the device,
     its images normalised (or cached features, `features`). It may return several logits (one per
     head, e.g. a learning-rate sweep): one result per head."""
     counts, total = None, torch.zeros(1, device=device)
-    for batch in progress(batches, description, accelerator):
+    for batch in progress(batches, description, accelerator, rounds):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         if normalize is not None and "images" in batch:
             batch["images"] = normalize(batch["images"])
@@ -54,12 +57,12 @@ def evaluate(predict: Callable[[dict], Logits], batches: Iterable[dict], *, devi
 
 @torch.no_grad()
 def extract_features(features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict], *, device,
-                     normalize=None, accelerator=None, description: str = "extracting features"
-                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                     normalize=None, accelerator=None, description: str = "extracting features",
+                     rounds: Rounds = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Features, labels and keys of a whole split, gathered from every rank (each sample once),
     sorted by key so that the result does not depend on the number of processes."""
     feats, labels, keys = [], [], []
-    for batch in progress(batches, description, accelerator):
+    for batch in progress(batches, description, accelerator, rounds):
         images = batch["images"].to(device, non_blocking=True)
         feats.append(features(normalize(images) if normalize is not None else images).float())
         labels.append(batch["labels"].to(device))
@@ -73,7 +76,7 @@ def extract_features(features: Callable[[torch.Tensor], torch.Tensor], batches: 
     return feats[index], labels[index], [keys[i] for i in order]
 
 
-def progress(batches: Iterable[dict], description: str, accelerator=None) -> Iterable[dict]:
+def progress(batches: Iterable[dict], description: str, accelerator=None, rounds: Rounds = None) -> Iterable[dict]:
     """A progress bar over a pass (images counted), on the main process only; its length is the
     split's size when the loader knows it (this rank's share, times the ranks)."""
     from tqdm import tqdm
@@ -82,7 +85,7 @@ def progress(batches: Iterable[dict], description: str, accelerator=None) -> Ite
     total = getattr(batches, "num_samples", None)
     world = accelerator.num_processes if accelerator is not None else 1
     with tqdm(total=total, desc=description, unit="img", disable=not main, leave=False, dynamic_ncols=True) as bar:
-        for batch in batches:
+        for batch in (rounds(batches) if rounds is not None else batches):
             yield batch
             bar.update(len(batch["labels"]) * world)
 
@@ -133,18 +136,19 @@ def _knn_votes(train_features, train_labels, queries, num_classes, k, temperatur
 @torch.no_grad()
 def knn_accuracy(features: Callable[[torch.Tensor], torch.Tensor], train_batches: Iterable[dict],
                  val_batches: Iterable[dict], *, num_classes: int, device, normalize=None, accelerator=None,
-                 k: int = 20, temperature: float = 0.07) -> dict:
+                 k: int = 20, temperature: float = 0.07, rounds: Rounds = None) -> dict:
     """Top-1 / top-5 of the k-NN classifier on the validation split, the training split as memory."""
     bank, bank_labels, _ = extract_features(features, train_batches, device=device, normalize=normalize,
-                                            accelerator=accelerator, description="k-NN: features of the memory")
+                                            accelerator=accelerator, description="k-NN: features of the memory",
+                                            rounds=rounds)
     results = evaluate(lambda batch: knn_predict(bank, bank_labels, features(batch["images"]), num_classes=num_classes,
                                                  k=k, temperature=temperature),
                        val_batches, device=device, normalize=normalize, accelerator=accelerator,
-                       description="k-NN: classifying data.val")[0]
+                       description="k-NN: classifying data.val", rounds=rounds)[0]
     return {**results, "k": k, "temperature": temperature, "num_train_samples": int(bank.shape[0])}
 
 
-def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int, features=None) -> dict:
+def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int, features=None, rounds: Rounds = None) -> dict:
     """The k-NN protocol on a recipe's splits for an encoder's pooled features (what its head would
     read; `features(images)`, by default the encoder's own): data.train as memory, data.val as
     queries, eval.knn_k and eval.knn_temperature. The monitor inside training (the task's `features`)
@@ -160,7 +164,8 @@ def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int, feature
         with accelerator.autocast():
             features = features or (lambda x: encoder.forward_head(encoder.forward_features(x), pre_logits=True))
             return knn_accuracy(features, train, val, num_classes=num_classes, device=accelerator.device, normalize=normalize,
-                                accelerator=accelerator, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+                                accelerator=accelerator, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                                rounds=rounds)
     finally:
         encoder.train(was_training)
 
@@ -174,8 +179,8 @@ class Evaluator:
                  data.val; the EMA weights' accuracy too (`ema_top1`, ...)
         "knn":   the k-NN monitor of the encoder's features (data.train as memory, data.val as queries)"""
 
-    def __init__(self, cfg, task, accelerator, normalize, num_classes: int):
-        self.cfg, self.task, self.accelerator, self.normalize = cfg, task, accelerator, normalize
+    def __init__(self, cfg, task, accelerator, normalize, num_classes: int, rounds: Rounds = None):
+        self.cfg, self.task, self.accelerator, self.normalize, self.rounds = cfg, task, accelerator, normalize, rounds
         self.num_classes = num_classes
         self.batch_size = cfg.eval.batch_size or cfg.data.batch_size
 
@@ -194,14 +199,15 @@ class Evaluator:
         try:
             with self.accelerator.autocast():
                 return evaluate(module.predict, batches, device=self.accelerator.device, normalize=normalize,
-                                accelerator=self.accelerator, description=f"evaluating on {split}")
+                                accelerator=self.accelerator, description=f"evaluating on {split}",
+                                rounds=self.rounds)
         finally:
             module.train(was_training)
 
     def __call__(self, ema_module=None) -> dict:
         if self.task.evaluation == "knn":
             metrics = knn_evaluate(self.task.encoder, self.cfg, self.accelerator, self.normalize, self.num_classes,
-                                   features=self.task.features)
+                                   features=self.task.features, rounds=self.rounds)
             return {"protocol": "knn", **metrics}
         selection = self.accuracy(split="holdout") if self.cfg.data.holdout_fraction > 0 else None
         metrics = {"protocol": "top-k", **self.task.summarize(self.accuracy(), selection)}

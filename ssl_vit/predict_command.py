@@ -16,13 +16,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
+from .arguments import positive_int
+
 
 def predict(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a classifier export: model.safetensors (its JSON beside it)")
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    parser.add_argument("--top-k", type=positive_int, default=5,
+                        help="classes shown per image (default 5; all of them if the model has fewer)")
     parser.add_argument("--json", action="store_true", help="one JSON line per image instead of text")
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
@@ -50,6 +53,8 @@ def classify_files(model_path: str, images: Sequence[str], top_k: int = 5) -> li
     from .data.transforms import build_transform
     from .models import create_encoder
 
+    if top_k < 1:  # the command line's parser says so already; this is for callers from Python
+        raise ConfigError(f"top_k must be >= 1 (the classes given per image), got {top_k}")
     path = Path(model_path)
     description = export_description(path) if path.is_file() else {}
     encoder = description.get("encoder") or {}
@@ -71,15 +76,40 @@ def classify_files(model_path: str, images: Sequence[str], top_k: int = 5) -> li
     std = torch.tensor(data.get("std", [0.229, 0.224, 0.225])).view(1, -1, 1, 1)
     results = []
     for image in images:
-        file = Path(image)
-        if not file.is_file():
-            raise ConfigError(f"{image}: no such file")
-        try:
-            pixels = transform(file.read_bytes()).unsqueeze(0).float() / 255.0
-        except OSError:
-            raise ConfigError(f"{image} is not an image file that PIL can read") from None
+        pixels = _read_image(image, transform).unsqueeze(0).float() / 255.0
         with torch.no_grad():
             probabilities = model((pixels - mean) / std).softmax(dim=-1)[0]
         top = probabilities.topk(min(top_k, len(classes)))
         results.append((image, [(classes[i], float(p)) for p, i in zip(top.values, top.indices)]))
     return results
+
+
+def _read_image(image: str, transform):
+    """The transform's uint8 [3, H, W] of an image file; a ConfigError, naming the file, for one that
+    cannot be read."""
+    import struct
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .config import ConfigError
+
+    file = Path(image)
+    if not file.is_file():
+        raise ConfigError(f"{image}: no such file")
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {image}: {e.strerror}") from None
+    try:
+        return transform(data)
+    except Image.DecompressionBombError as e:
+        # Pillow refuses, before decoding, an image whose pixels could fill the memory; its message
+        # holds the image's size and the limit (2 x Image.MAX_IMAGE_PIXELS)
+        raise ConfigError(f"{image} is too large to open: {e} Downscale it first (the model sees it resized to "
+                          "its input size anyway), e.g. with ImageMagick: convert IMAGE -resize 4096x4096 SMALL.png"
+                          ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # what Pillow raises on a broken file
+        # (an UnidentifiedImageError's own text names an in-memory buffer, not the file)
+        why = "no image format it knows" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise ConfigError(f"{image} is not an image that PIL can read ({why}); "
+                          "give image files (JPEG, PNG, WebP, ...)") from None

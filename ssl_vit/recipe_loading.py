@@ -310,6 +310,7 @@ def _suggest(key: str, keys: dict[str, Any]) -> str:
     leaf = ALIASES.get(leaf, leaf)
     close = [f"{section}.{k}" for k in difflib.get_close_matches(leaf, in_section, n=3, cutoff=0.6)]
     close += [k for k in keys if k.endswith("." + leaf) and k not in close]  # the same name in another section
+    close += [leaf] if leaf in keys else []  # a top-level key written inside a section (train.resume: resume)
     if close:
         return f" Did you mean {', '.join(close)}?"
     owners = _owners_of(section, leaf)

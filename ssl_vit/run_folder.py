@@ -24,9 +24,16 @@ MAY_CHANGE_ON_RESUME = ("recipe", "imports", "resume", "print_config", "like", "
                         "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
                         "train.output_dir", "train.compile", "train.grad_checkpointing", "data.num_workers",
                         "data.batch_size", "eval.", "log.")
-RUN_FILES = ("checkpoints", "log.jsonl", "tensorboard", "config.yaml", "plan.json", "metrics.json",
-             "backbone.safetensors", "backbone.json", "model.safetensors", "model.json", "model_best.safetensors",
-             "model_best.json")
+NOT_THE_RUNS = (".lock", "previous")  # the folder's lock and the runs set aside before
+
+
+def run_files(output_dir: Path) -> list[str]:
+    """What a run left in its folder: everything but the lock and previous/ (the loop's files, and
+    whatever a task writes there, e.g. the dVAE's tokenizer.safetensors), so that starting over sets
+    all of it aside, whoever wrote it."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p.name for p in output_dir.iterdir() if p.name not in NOT_THE_RUNS)
 
 
 def check_resume(cfg, config_now: dict) -> Optional[Path]:

@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 from .config import ConfigError
+from .data.worker_start import STOP_SIGNALS, die_with_parent
 
 CHECKPOINT_PREFIX = "step_"
+
+
 @dataclass
 class TrainState:
     """What a checkpoint needs beyond model, optimizer and RNG (which Accelerate saves); JSON."""
@@ -38,21 +43,16 @@ class TrainState:
     best: dict = field(default_factory=dict)     # the best evaluation so far (classification): metrics + step
     history: list = field(default_factory=list)  # resumes: [{"step":, "world_size":}]
     init_sha256: Optional[str] = None            # the file the run started from, to notice it changed
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    evaluation_due: bool = False                 # a stop abandoned the evaluation of this step: redone on resume
 
 
 def starts_over(resume: str) -> bool:
     return str(resume).lower() in ("false", "no", "off", "none")
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A DataLoader worker's start: the signals that ask for a checkpoint are the trainer's to handle
-    (`timeout`, `kill -TERM -PGID` and Ctrl-C reach the whole process group; a worker that died of
-    them first took the run down with it)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+class StopRequested(Exception):
+    """A stop was asked for (and, with several processes, agreed on by every rank) while a step or an
+    evaluation was in progress: it is abandoned, and the run checkpoints its last complete step."""
 
 
 _ASKED_EARLY = []  # stop signals that came before the trainer existed (while it imported and built)
@@ -60,7 +60,7 @@ _ASKED_EARLY = []  # stop signals that came before the trainer existed (while it
 
 def catch_stop_signals_early() -> None:
     """From a command's first line: a stop signal during start-up (imports, data checks, building the
-    model) is remembered and honoured as soon as the trainer can checkpoint, instead of killing it."""
+    model) is remembered and honoured before the first step, instead of killing the process."""
     def remember(signum, frame):
         if signum == signal.SIGINT and signal.SIGINT in _ASKED_EARLY:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
@@ -73,13 +73,25 @@ def catch_stop_signals_early() -> None:
 class Preemption:
     """Ways to ask a run for a checkpoint and a clean exit (code 0): SIGTERM, SIGUSR1 or SIGINT to the
     training processes (cluster preemption, `timeout`, Ctrl-C: a second Ctrl-C stops at once), the
-    launcher dying (a launched rank asks Linux for SIGTERM then: `accelerate launch` with one process
-    does not pass its signals on), or a file named STOP in the output folder (what
-    tools/slurm_pretrain.sh creates when SLURM warns the job; it works whatever the launchers in
-    between do with signals). The file is removed when the checkpoint is written."""
+    launcher dying (a launched rank asks Linux for SIGTERM then), or a file named STOP in the output
+    folder (what tools/slurm_pretrain.sh creates when SLURM warns the job; it works whatever the
+    launchers in between do with signals). The file is removed when the checkpoint is written.
 
-    def __init__(self, stop_file: Path, watch_file: bool, launched: bool = False):
+    The launchers give a stopped run little time before they SIGKILL it: `accelerate launch` with one
+    process 5 s, torchrun (`accelerate launch --multi_gpu`) 30 s. So a stop is honoured at once, not at
+    the end of a step that may take longer than that:
+      - one process: a signal during the step's data fetch, forward or backward raises StopRequested
+        where the step is (Python runs the handler between two operations; a backward pass, one C++
+        call, finishes first); during the update, the stop waits for its end (milliseconds);
+      - several processes: the ranks agree (an all-reduce of one number on a CPU-side gloo group, no
+        device synchronisation) before every micro-batch and every evaluation batch, and all abandon
+        the step together: a rank cannot leave a step alone, the others would wait in its collectives.
+    """
+
+    def __init__(self, stop_file: Path, watch_file: bool, launched: bool = False, group=None):
+        """`group`: the gloo process group of a multi-process run (None with one process)."""
         self.requested, self.stop_file, self.watch_file = bool(_ASKED_EARLY), stop_file, watch_file
+        self.group, self.abandonable = group, False
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
         if launched:
@@ -89,13 +101,115 @@ class Preemption:
         if signum == signal.SIGINT and self.requested:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self.requested = True
+        if self.abandonable:
+            self.abandonable = False
+            raise StopRequested(signal.Signals(signum).name)
+
+    @contextmanager
+    def step_in_progress(self):
+        """The part of a step a stop may abandon (one process only: see the class)."""
+        self.abandonable = self.group is None
+        try:
+            yield
+        finally:
+            self.abandonable = False
 
     def asked(self) -> bool:
+        """Whether this process was asked to stop."""
         return self.requested or (self.watch_file and self.stop_file.exists())
 
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop: the same answer on every rank (a collective)."""
+        return self._reduce([self.asked()])[0] > 0
+
+    def check(self) -> None:
+        """Raise StopRequested if a stop was asked for (on any rank): call it at the same points on
+        every rank, as any collective."""
+        if self.agreed():
+            raise StopRequested("asked")
+
+    def rounds(self, items: Iterable) -> Iterator:
+        """`items` (an evaluation's batches), checking for a stop before each one. With several
+        processes the ranks may hold different numbers of batches (an evaluation reads each sample
+        once, without padding): a rank out of batches keeps taking part in the rounds until every rank
+        is, so that all of them agree on a stop at the same round."""
+        iterator, more = iter(items), True
+        try:
+            while True:
+                item = next(iterator, _END) if more else _END
+                more = item is not _END
+                stop, anyone_more = self._reduce([self.asked(), more])
+                if stop > 0:
+                    raise StopRequested("asked")
+                if not anyone_more:
+                    return
+                if more:
+                    yield item
+        finally:
+            if hasattr(iterator, "close"):  # a loader's generator: its workers end now (data/loaders.py)
+                iterator.close()
+
+    def _reduce(self, flags: list) -> list[float]:
+        if self.group is None:
+            return [float(f) for f in flags]
+        import torch
+        import torch.distributed as dist
+
+        values = torch.tensor([float(f) for f in flags])  # on the CPU: no device synchronisation
+        dist.all_reduce(values, group=self.group)
+        return values.tolist()
+
     def clear(self) -> None:
+        """Remove the STOP file (once honoured, or left by a run that died before honouring it)."""
         if self.watch_file:
             self.stop_file.unlink(missing_ok=True)
+
+
+_END = object()
+
+
+class StepStart:
+    """What a step changes before its update, recorded at its start so that an abandoned step leaves
+    no trace: the RNG states (the ones Accelerate's save_state saves: Python's, NumPy's, torch's CPU
+    and CUDA generators; a step draws masks and crops from them), the module's buffers (BatchNorm
+    statistics, updated by the forward) and Accelerate's count of micro-batches (its `step`, saved in
+    the checkpoint: it decides at which micro-batch gradients are synchronised and the optimizer
+    steps, so one abandoned micro-batch would shift every later step's accumulation by one).
+    Parameters and optimizer states change only in the update, which is never abandoned. Costs one
+    small copy of each per step."""
+
+    def __init__(self, module, accelerator=None):
+        parameters = {id(p) for p in module.parameters()}
+        self.buffers = [t for t in module.state_dict(keep_vars=True).values() if id(t) not in parameters]
+        self.accelerator = accelerator
+
+    def capture(self) -> tuple:
+        import numpy as np
+        import torch
+
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        counter = None
+        if self.accelerator is not None:
+            counter = (self.accelerator.step, self.accelerator.gradient_state.sync_gradients)
+        return (random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda,
+                [b.detach().clone() for b in self.buffers], counter)
+
+    def restore(self, saved: tuple) -> None:
+        import numpy as np
+        import torch
+
+        python, numpy_state, cpu, cuda, buffers, counter = saved
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        with torch.no_grad():
+            for buffer, value in zip(self.buffers, buffers):
+                buffer.copy_(value)
+        if counter is not None:
+            self.accelerator.step = counter[0]
+            self.accelerator.gradient_state._set_sync_gradients(counter[1])
 
 
 class Checkpoints:
@@ -146,28 +260,39 @@ class Checkpoints:
                               str(tmp / "ema.safetensors"))
                 (tmp / "config.yaml").write_text(config_text)
                 (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
-                manifest = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+                manifest = {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
+                            for p in sorted(tmp.iterdir()) if p.is_file()}
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
                 os.replace(tmp, final)  # complete only now: a crash before leaves a .tmp that is ignored
                 for old in self.complete()[:-self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
-        except (OSError, RuntimeError) as error:
+        except Exception as error:  # safetensors' own error too, not an OSError: whatever failed the write
             shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only keeps the space
             raise _writing_error(error, final) from error
         accelerator.wait_for_everyone()
 
     def find(self, resume: str) -> Optional[Path]:
         """The checkpoint `resume=` asks for: auto (the newest complete one that is whole, if any: a
-        damaged newest one is passed over with a warning), false, or a folder (which must be whole)."""
+        damaged newest one is passed over with a warning, and if every one is damaged the run stops:
+        starting over would overwrite the run's exports and let keep_checkpoints delete the new
+        checkpoints in favour of the damaged ones), false, or a folder (which must be whole).
+        Verifying reads every file (its sha256): call it on one process and share the answer."""
         if starts_over(resume):
             return None
         if resume.lower() == "auto":
+            problems = []
             for path in reversed(self.complete()):
                 problem = damaged(path)
                 if problem is None:
                     return path
+                problems.append(f"{path.name}: {problem}")
                 print(f"warning: not resuming from {path}: {problem}; trying the checkpoint before it",
                       file=sys.stderr, flush=True)
+            if problems:
+                raise ConfigError(f"every checkpoint in {self.directory} is damaged ({'; '.join(problems)}), so this "
+                                  "run cannot resume: start over with resume=false (the old run, its damaged "
+                                  f"checkpoints included, is moved into {self.directory.parent}/previous/), or give "
+                                  "another train.output_dir")
             return None
         path = Path(resume)
         if not (path / "train_state.json").is_file():
@@ -203,56 +328,107 @@ class Checkpoints:
 
 
 def damaged(path: Path) -> Optional[str]:
-    """Why a checkpoint folder cannot be resumed from exactly, or None: a file its manifest lists is
-    missing or has another size (truncated), or one of the ranks' RNG states is missing."""
+    """Why a checkpoint folder cannot be resumed from exactly, or None. Its manifest.json lists every
+    file with its size and sha256 when it was written: a file missing, of another size (truncated) or
+    with other bytes (damaged in place: a disk, a copy, a hand) makes the checkpoint damaged, and so
+    does a missing manifest (nothing could be verified) or a rank's RNG state that is missing or does
+    not load (Accelerate would resume without it, silently: the run would not continue as it would
+    have). Manifests written before checksums (sizes only) are verified by loading each file instead.
+    Reads every byte: about 0.9 s per GB here (docs/faults.md)."""
     try:
         saved = json.loads((path / "train_state.json").read_text())
     except (OSError, ValueError):
         return "train_state.json is unreadable"
-    manifest_file = path / "manifest.json"
-    if manifest_file.is_file():
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except ValueError:
-            return "manifest.json is unreadable"
-        for name, size in manifest.items():
-            file = path / name
-            if not file.is_file():
-                return f"{name} is missing"
-            if file.stat().st_size != size:
-                return f"{name} has {file.stat().st_size} bytes, {size} were written (truncated or changed)"
-    missing = [f"random_states_{rank}.pkl" for rank in range(saved.get("world_size", 1))
-               if not (path / f"random_states_{rank}.pkl").is_file()]
-    if missing:
-        return f"{', '.join(missing)} missing (without every rank's RNG the run would not continue as it would have)"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        return "it has no manifest.json, so its files cannot be verified"
+    except (OSError, ValueError):
+        return "manifest.json is unreadable"
+    if not isinstance(manifest, dict):
+        return "manifest.json is not a list of files"
+    for name, written in manifest.items():
+        file = path / name
+        size, digest = (written.get("size"), written.get("sha256")) if isinstance(written, dict) else (written, None)
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written (truncated or changed)"
+        if digest is not None and file_digest(file) != digest:
+            return f"{name} does not have the bytes that were written (its sha256 differs: damaged in place)"
+        if digest is None and (problem := _unloadable(file)):
+            return problem
+    for rank in range(saved.get("world_size", 1)):
+        name = f"random_states_{rank}.pkl"
+        if not (path / name).is_file():
+            return f"{name} is missing (without every rank's RNG the run would not continue as it would have)"
+        if manifest.get(name) is None and (problem := _unloadable(path / name)):
+            return problem
     return None
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MB pieces."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 22), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _unloadable(file: Path) -> Optional[str]:
+    """Why a checkpoint file without a recorded checksum does not load, or None: safetensors files
+    are read whole, torch's files loaded without running code (weights_only, with the NumPy types
+    Accelerate's RNG states hold)."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            load_file(str(file))
+        elif file.suffix in (".bin", ".pt", ".pkl", ".pth"):
+            from accelerate.utils import load
+
+            if not isinstance(load(file, map_location="cpu"), dict):
+                return f"{file.name} does not hold a state (a dict)"
+    except Exception as error:  # whatever the reader raises on damaged bytes: the file is damaged
+        return f"{file.name} does not load ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    return None
+
+
+# what the writers say when the file system refuses a write (torch's and safetensors' own errors carry the
+# OS's text, not an errno): the cause is the machine's, not a defect, so the run stops in one line
+REFUSALS = {"No space left": "the disk is full", "File too large": "a file-size limit (ulimit -f) was reached",
+            "Permission denied": "the folder is not writable", "Read-only file system": "the file system is read-only",
+            "Operation not permitted": "the folder is not writable", "Disk quota exceeded": "the disk quota is used up"}
+
+
 def _writing_error(error: BaseException, final: Path) -> BaseException:
-    """A failed checkpoint write, said plainly: a full disk is named as such (torch reports it as
-    '[enforce fail at inline_container.cc:...]')."""
+    """A failed checkpoint write, said plainly when the file system refused it (a full disk: torch
+    reports it as '[enforce fail at inline_container.cc:...]', safetensors as its own error); any other
+    failure is a defect and keeps its traceback."""
     import errno
 
     free = shutil.disk_usage(final.parent).free if final.parent.exists() else None
-    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or (
-        "enforce fail" in str(error) and free is not None and free < 64 * 2 ** 20)
-    if full:
-        return ConfigError(f"disk full while writing checkpoint {final.name} in {final.parent} "
-                           f"({(free or 0) / 2 ** 20:.0f} MB free): the unfinished copy was removed and the previous "
-                           "checkpoint is intact; free space (or move train.output_dir) and re-run the same command")
-    return error
+    text = f"{getattr(error, 'strerror', None) or ''} {error}"
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+            "enforce fail" in text and free is not None and free < 64 * 2 ** 20):
+        text += " No space left"
+    cause = next((why for sign, why in REFUSALS.items() if sign in text), None)
+    if cause is None and isinstance(error, OSError) and error.errno is not None:
+        cause = error.strerror or f"errno {error.errno}"
+    if cause is None:
+        return error
+    space = f" ({free / 2 ** 20:.0f} MB free)" if free is not None else ""
+    return ConfigError(f"could not write checkpoint {final.name} in {final.parent}: {cause}{space}; "
+                       f"{str(error).splitlines()[0][:200]}. The unfinished copy was removed and the previous "
+                       "checkpoint is intact: free space or lift the limit (or give another train.output_dir) and "
+                       "re-run the same command")
 
 
 def _term_when_parent_dies() -> None:
-    """prctl(PR_SET_PDEATHSIG, SIGTERM): Linux sends this process SIGTERM when its parent (the
-    launcher) exits. Only for processes a launcher started: a run under nohup must outlive its shell."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the STOP file and signals still work
-        return
-    if os.getppid() == 1:  # the launcher died before the call: nobody would send it
+    """A launched rank asks Linux for SIGTERM when its launcher exits (a stop request like any other).
+    Only for processes a launcher started: a run under nohup must outlive its shell."""
+    if not die_with_parent(signal.SIGTERM):  # the launcher died before the call: nobody would send it
         os.kill(os.getpid(), signal.SIGTERM)

@@ -6,8 +6,14 @@
            -> task (encoder + head + loss), optimizer (groups with lr multipliers)
            -> resume from the newest complete checkpoint, if any
            -> for each optimizer step: accumulate micro-batches, skip non-finite steps, clip,
-              lr = schedule(step), update, log, picture, checkpoint, stop on SIGTERM/SIGUSR1
-           -> exports: backbone.safetensors (timm keys) and model.safetensors, each with a JSON
+              lr = schedule(step), update, log, picture, checkpoint
+           -> the last checkpoint, the final evaluation, exports: backbone.safetensors (timm keys) and
+              model.safetensors, each with a JSON, and metrics.json (last)
+
+A stop request (SIGTERM, SIGUSR1, SIGINT, a STOP file; run_state.Preemption) is taken before every
+step and micro-batch, and with one process at once inside a step: the step in progress is abandoned
+(its RNG draws and buffer updates undone) and the last complete step is checkpointed, within the
+launchers' grace windows (docs/faults.md).
 
 The loop knows nothing about MAE or DeiT: it calls the task contract (ssl_vit/tasks/base.py).
 """
@@ -17,7 +23,9 @@ import json
 import os
 import sys
 import time
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Optional
 
@@ -25,8 +33,8 @@ from omegaconf import OmegaConf
 
 from . import config
 from .config import ConfigError
-from .run_folder import RUN_FILES, FolderLock
-from .run_state import Checkpoints, Preemption, TrainState
+from .run_folder import FolderLock, run_files
+from .run_state import Checkpoints, Preemption, StepStart, StopRequested, TrainState, starts_over
 
 PICTURE_IMAGES = 8  # images TensorBoard shows, the same ones every time
 
@@ -165,7 +173,13 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.task, decay=cfg.train.ema_decay)
         evaluates = "val" in kind.required_splits(cfg)
-        self.evaluator = Evaluator(cfg, self.task, accelerator, self.normalize, self.plan.num_classes) if evaluates else None
+        launched = any(k in os.environ for k in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION"))
+        self.preemption = Preemption(self.output_dir / "STOP", watch_file=accelerator.is_main_process,
+                                     launched=launched, group=_stop_group(accelerator))
+        self.preemption.clear()  # a stale request from a run that died before honouring it
+        self.step_start = StepStart(self.task, accelerator)
+        self.evaluator = Evaluator(cfg, self.task, accelerator, self.normalize, self.plan.num_classes,
+                                   rounds=self.preemption.rounds) if evaluates else None
         from .outputs import file_sha256
 
         self.state = TrainState(world_size=accelerator.num_processes,
@@ -173,10 +187,6 @@ class Trainer:
         self.checkpoints = Checkpoints(accelerator, self.output_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
                                        save_state=lambda folder: self.parallel.save(folder, self.model, self.optimizer),
                                        load_state=lambda folder: self.parallel.load(folder, self.model, self.optimizer))
-        launched = any(k in os.environ for k in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION"))
-        self.preemption = Preemption(self.output_dir / "STOP", watch_file=accelerator.is_main_process,
-                                     launched=launched)
-        self.preemption.clear()  # a stale request from a run that died before honouring it
         if accelerator.is_main_process:
             for name in self.checkpoints.remove_unfinished():
                 self._print(f"removed {name}: a checkpoint a crash or a full disk left unfinished")
@@ -209,39 +219,88 @@ class Trainer:
         if self.state.step >= plan.stop_step:
             return self._finish_a_finished_run()
         self._write_run_files(resumed)
-        progress = self._progress_bar()
-        window = _Window()
-        epoch = self.state.step // plan.steps_per_epoch
-        skip = (self.state.step % plan.steps_per_epoch) * plan.accumulation
-        exit_code = None
-        while exit_code is None and self.state.step < plan.stop_step:
-            batches = self.data.epoch(epoch, skip_batches=skip)
-            skip = 0
-            for micro_batches in _chunks(batches, plan.accumulation):
-                stats = self.train_step(micro_batches)
-                window.add(stats, plan.global_batch)
-                progress.update(1)
-                if self.state.step % self.cfg.log.every == 0 or self.state.step == plan.stop_step:
-                    self._log(window, epoch, progress)
-                    window = _Window()
-                if self.state.step % self.cfg.log.images_every == 0 or self.state.step == plan.stop_step:
-                    self._log_pictures(micro_batches[0])
-                self._evaluate_when_due()
-                exit_code = self._after_step()
-                if exit_code is not None or self.state.step >= plan.stop_step:
-                    break
-            epoch += 1
-        progress.close()
+        try:
+            if self.state.evaluation_due:  # a stop abandoned it before the checkpoint: done now
+                self._evaluate()
+            exit_code = self._train()
+        except StopRequested:
+            return self._preempted()
         if exit_code is not None:
             return exit_code
         return self._finish(checkpoint=True)
 
+    def _train(self) -> Optional[int]:
+        """The steps, epoch after epoch, until the run's last step (None) or an exit code (the
+        non-finite guard). A stop request raises StopRequested out of here (run() checkpoints)."""
+        plan = self.plan
+        progress = self._progress_bar()
+        window = _Window()
+        epoch = self.state.step // plan.steps_per_epoch
+        skip = (self.state.step % plan.steps_per_epoch) * plan.accumulation
+        try:
+            while self.state.step < plan.stop_step:
+                # closing: the epoch's loader workers end with it, however the loop is left
+                with closing(self.data.epoch(epoch, skip_batches=skip)) as batches:
+                    skip = 0
+                    while self.state.step < plan.stop_step:
+                        with self._abandonable():
+                            self.preemption.check()  # every rank agrees, before the step's first batch
+                            micro_batches = list(islice(batches, plan.accumulation))
+                            if not micro_batches:
+                                break  # the epoch's batches are done
+                            loss_sum, metrics = self.accumulate_gradients(micro_batches)
+                        stats = self.apply_update(loss_sum / len(micro_batches), metrics,
+                                                  samples=sum(len(micro["labels"]) for micro in micro_batches))
+                        window.add(stats, plan.global_batch)
+                        progress.update(1)
+                        step = self.state.step
+                        if step % self.cfg.log.every == 0 or step == plan.stop_step:
+                            self._log(window, epoch, progress)
+                            window = _Window()
+                        if step % self.cfg.log.images_every == 0 or step == plan.stop_step:
+                            self._log_pictures(micro_batches[0])
+                        self._evaluate_when_due()
+                        exit_code = self._after_step()
+                        if exit_code is not None:
+                            return exit_code
+                epoch += 1
+        finally:
+            progress.close()
+        return None
+
+    @contextmanager
+    def _abandonable(self):
+        """A part of the run a stop may abandon: a step before its update (its RNG draws and buffer
+        updates are undone, its gradients dropped, so that the checkpoint is the state after the last
+        complete step and a resumed run equals one that never stopped)."""
+        start = self.step_start.capture()
+        try:
+            with self.preemption.step_in_progress():
+                yield
+        except StopRequested:
+            self.step_start.restore(start)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+
+    def _preempted(self) -> int:
+        """A stop was asked for: the checkpoint of the last complete step (unless there is one), exit 0."""
+        self.preemption.clear()
+        if self.state.step == 0:
+            self._print("preempted before the first step: nothing to save; re-run the same command to start")
+            return 0
+        self._save_checkpoint()
+        again = ("re-run the same command to resume" if not starts_over(self.cfg.resume) else
+                 "re-run the command with resume=auto instead of resume=false to resume (with resume=false it "
+                 "would start over, setting this run aside)")
+        self._print(f"preempted: checkpoint written at step {self.state.step}; {again}")
+        return 0
+
     def _finish_a_finished_run(self) -> int:
         """A run already at its last step is left as it is (its exports, metrics and logs). A stop after
-        its last checkpoint but before its outputs were written (the periodic checkpoint can fall on the
-        last step) left them missing: the final evaluation, export and metrics.json are written now."""
-        expected = ["model.safetensors"] + (["metrics.json"] if self.evaluator is not None else [])
-        missing = [name for name in expected if not (self.output_dir / name).is_file()]
+        its last checkpoint but before its outputs were written left some of them missing or from an
+        earlier end of the run (another train.max_steps): the final evaluation, exports and
+        metrics.json are written now."""
+        missing = self._outputs_not_of_this_step() if self.accelerator.is_main_process else []
         if self.accelerator.num_processes > 1:  # what rank 0 sees decides: the evaluation is a collective
             from accelerate.utils import broadcast_object_list
 
@@ -250,19 +309,53 @@ class Trainer:
         if not missing:
             self._print(f"nothing to do: {where}")
             return 0
-        self._print(f"{where} but {' and '.join(missing)} were not written (it was stopped before its end): "
-                    "writing its final outputs")
+        self._print(f"{where} but {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not written at this "
+                    "step (it was stopped before its end): writing its final outputs")
         return self._finish(checkpoint=False)  # the checkpoint of the last step is there: it was resumed
 
+    def _outputs_not_of_this_step(self) -> list[str]:
+        """The final outputs that are missing, or that record another step than the run's."""
+        expected = ["model.json", "model.safetensors", "backbone.json", "backbone.safetensors"]
+        expected += ["metrics.json"] if self.evaluator is not None else []
+        wrong = []
+        for name in expected:
+            path = self.output_dir / name
+            if name.endswith(".json"):
+                try:
+                    step = json.loads(path.read_text()).get("step")
+                except (OSError, ValueError):
+                    step = None
+                if step != self.state.step:
+                    wrong.append(name)
+            elif not path.is_file():
+                wrong.append(name)
+        return wrong
+
     def _finish(self, checkpoint: bool) -> int:
-        """The end of a run: the final evaluation, the last checkpoint, the exports, metrics.json."""
-        final = self._evaluate() if self.evaluator is not None else None
+        """The end of a run: the last checkpoint (first: the trained weights are safe before the long
+        part), the final evaluation, the exports, metrics.json (last: its presence says all is done)."""
         if checkpoint:
             self._save_checkpoint()
+        if self.state.step and self.state.nonfinite_total >= self.state.step:
+            self._print(f"error: every one of the {self.state.step} optimizer steps was skipped (a non-finite loss or "
+                        "gradient): the model was never updated, so nothing is exported. Check the inputs and the "
+                        "task's settings (the validation refuses the usual causes); lower optim.blr or set "
+                        "optim.clip_grad", error=True)
+            return 1
+        try:
+            final = self._evaluate() if self.evaluator is not None else None
+        except StopRequested:
+            self.preemption.clear()
+            self._print(f"preempted during the final evaluation: the checkpoint of step {self.state.step} is written; "
+                        "re-run the same command to write the final evaluation, exports and metrics.json")
+            return 0
         self._export()
         self._write_metrics(final)
         self.accelerator.end_training()
-        self._print(f"done: {self.state.step} steps, {self.state.samples_seen} samples; outputs in {self.output_dir}")
+        skipped = (f" ({self.state.nonfinite_total} skipped: non-finite loss or gradient)"
+                   if self.state.nonfinite_total else "")
+        self._print(f"done: {self.state.step} steps{skipped}, {self.state.samples_seen} samples; outputs in "
+                    f"{self.output_dir}")
         return 0
 
     def close(self) -> None:
@@ -284,9 +377,16 @@ class Trainer:
             self._evaluate()
 
     def _evaluate(self) -> dict:
+        """Measure (a stop may abandon it: it is then redone first when the run resumes), then record:
+        the log, TensorBoard and, for top-k tasks, the best model (never abandoned half-way)."""
         from .outputs import describe_metrics
 
-        metrics = self.evaluator(ema_module=self.ema.module if self.ema is not None else None)
+        try:
+            metrics = self.evaluator(ema_module=self.ema.module if self.ema is not None else None)
+        except StopRequested:
+            self.state.evaluation_due = True
+            raise
+        self.state.evaluation_due = False
         # TensorBoard: the accuracies (k-NN ones named so), not the constants beside them
         prefix = "knn_" if metrics["protocol"] == "knn" else ""
         scalars = {f"val/{prefix}{k}": v for k, v in metrics.items() if k.endswith(("top1", "top5"))}
@@ -329,6 +429,8 @@ class Trainer:
         accelerator = self.accelerator
         loss_sum, metrics = torch.zeros((), device=accelerator.device), {}
         for index, micro in enumerate(micro_batches):
+            if index:
+                self.preemption.check()  # several processes: every rank leaves the step at the same micro-batch
             batch = self._to_device(micro)
             with self.parallel.accumulate(self.model, last=index == len(micro_batches) - 1):
                 output = self.model(batch)
@@ -388,26 +490,11 @@ class Trainer:
         return batch
 
     def _after_step(self) -> Optional[int]:
-        """Checkpoints, preemption and the non-finite guard, decided the same way on every rank. With
-        several processes the ranks agree on a preemption at log and checkpoint steps (an all-reduce
-        read back to the host), not at every step; the non-finite guard is read at log steps too."""
-        import torch
-
-        accelerator, cfg = self.accelerator, self.cfg
-        step = self.state.step
-        due = step % cfg.log.every == 0 or step % cfg.train.checkpoint_every == 0 or step >= self.plan.stop_step
-        asked = self.preemption.asked()
-        if accelerator.num_processes > 1:
-            if not due:
-                return None
-            signals = accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), reduction="sum")
-            asked = signals.item() > 0
-        if asked:
-            self._save_checkpoint()
-            self.preemption.clear()
-            self._print(f"preempted: checkpoint written at step {self.state.step}; re-run the same command to resume")
-            return 0
-        if due:
+        """Periodic checkpoints and the non-finite guard, decided the same way on every rank (the
+        skipped-step counters are equal on every rank; they are read back at log and checkpoint steps).
+        Stop requests are taken before each step and micro-batch (_train, accumulate_gradients)."""
+        cfg, step = self.cfg, self.state.step
+        if step % cfg.log.every == 0 or step % cfg.train.checkpoint_every == 0 or step >= self.plan.stop_step:
             self._read_counters()
         if self.state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
             self._save_checkpoint()
@@ -415,7 +502,7 @@ class Trainer:
                         f"gradient ({self.state.nonfinite_total} in all); checkpoint at step {self.state.step}. Lower "
                         "optim.blr, set optim.clip_grad, or use train.precision=bf16 instead of fp16", error=True)
             return 1
-        if self.state.step % cfg.train.checkpoint_every == 0 and self.state.step < self.plan.stop_step:
+        if step % cfg.train.checkpoint_every == 0 and step < self.plan.stop_step:
             self._save_checkpoint()
         return None
 
@@ -430,13 +517,13 @@ class Trainer:
         Nothing of two runs is mixed: starting over moves an old run aside, going back to an older
         checkpoint moves the newer ones aside, and the log keeps each step once."""
         from .run_folder import check_resume, set_aside
-        from .run_state import starts_over
 
-        path = check_resume(self.cfg, OmegaConf.to_container(self.cfg, resolve=True))
+        path = self._on_main_process(lambda: check_resume(self.cfg, OmegaConf.to_container(self.cfg, resolve=True)))
         if self.accelerator.is_main_process:
             moved = None
             if starts_over(self.cfg.resume):
-                moved = set_aside(self.output_dir, RUN_FILES, "resume=false: a new run started in this folder")
+                moved = set_aside(self.output_dir, run_files(self.output_dir),
+                                  "resume=false: a new run started in this folder")
             elif path is not None and self.checkpoints.newer_than(path):
                 newer = [str(p.relative_to(self.output_dir)) for p in self.checkpoints.newer_than(path)]
                 moved = set_aside(self.output_dir, newer, f"resume={self.cfg.resume}: the run went back to {path.name}")
@@ -457,6 +544,23 @@ class Trainer:
                 if len(kept) < len(lines):
                     self.log_file.write_text("".join(line + "\n" for line in kept))
         return path is not None
+
+    def _on_main_process(self, decide):
+        """`decide()` on the main process (it reads files: verifying a checkpoint reads every byte),
+        its answer, or its ConfigError, on every rank."""
+        answer, error = None, None
+        if self.accelerator.is_main_process:
+            try:
+                answer = decide()
+            except ConfigError as problem:
+                error = str(problem)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            answer, error = broadcast_object_list([answer, error])
+        if error is not None:
+            raise ConfigError(error)
+        return answer
 
     def _write_run_files(self, resumed: bool) -> None:
         if not self.accelerator.is_main_process:
@@ -584,16 +688,14 @@ class _Window:
         return values
 
 
-def _chunks(batches, size: int):
-    """Group the loader's batches into the micro-batches of one optimizer step."""
-    chunk = []
-    for batch in batches:
-        chunk.append(batch)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _stop_group(accelerator):
+    """A gloo process group on which the ranks agree on stop requests: a CPU tensor, so the agreement
+    never waits for the device (NCCL would). None with one process."""
+    if accelerator.num_processes <= 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
 
 
 def close_processes(accelerator) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 from . import config
 from .commands import init_settings
 from .config import Config, ConfigError
+from .exits import exit_on_error
 
 MODES = ("reconstruct", "attention")
 FLAGS = {"--rollout": "rollout=true", "--no-heads": "heads=false"}
@@ -88,7 +89,7 @@ class VisualizeConfig(Config):
     heads: bool = True
 
 
-@config.exit_on_error
+@exit_on_error
 def visualize(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or any(a in ("-h", "--help", "help") for a in argv):

@@ -51,6 +51,7 @@ def test_circular_bases_are_caught(tmp_path):
     (["recipe=mae_base", "optim.lrr=1"], r"unknown key 'optim.lrr'.*Did you mean optim.lr, optim.blr"),
     (["recipe=mae_base", "optim.learning_rate=1"], r"Did you mean optim.lr"),
     (["recipe=mae_base", "train.batch_size=8"], r"Did you mean data.batch_size, optim.batch_size"),
+    (["recipe=mae_base", "train.resume=false"], r"unknown key 'train.resume'.*Did you mean resume\?"),  # top level
     (["recipe=mae_base", "optim.lr=abc"], r"bad value for optim.lr.*'abc'.*expected a number"),
     (["recipe=mae_base", "data.num_workers=1.5"], r"data.num_workers.*expected an integer"),
     (["recipe=mae_base", "train.precision=fp8"], r"train.precision='fp8' is not one of: auto, bf16, fp16, no"),

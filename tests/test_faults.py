@@ -4,6 +4,7 @@ passed over, a full disk is named, and bad input stops in one line before anythi
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -153,14 +154,23 @@ def test_the_knn_monitor_without_validation_data_stops_before_training(tmp_path,
     assert "data.val is required" in result.stderr and not (tmp_path / "run" / "log.jsonl").exists()
 
 
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory, env):
+    """A tiny run's checkpoints of steps 1, 2 and 3 (the tests damage copies of them)."""
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    run(mae(out, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=5", "data.num_workers=0"),
+        env)
+    return out
+
+
 @pytest.mark.parametrize("damage", ["truncate model.safetensors",
                                     pytest.param("remove random_states_0.pkl", marks=pytest.mark.slow)])
-def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, env, damage):
-    steps = ["train.checkpoint_every=1", "train.keep_checkpoints=5"]
+def test_a_damaged_newest_checkpoint_is_passed_over(three_checkpoints, tmp_path, env, damage):
+    steps = ["train.checkpoint_every=1", "train.keep_checkpoints=5", "data.num_workers=0"]
     unbroken = tmp_path / "unbroken"
     run(mae(unbroken, "train.max_steps=4", *steps), env)
     out = tmp_path / "run"
-    run(mae(out, "train.max_steps=3", *steps), env)
+    shutil.copytree(three_checkpoints, out)  # the same run, stopped at step 3
     newest = out / "checkpoints" / "step_00000003"
     action, name = damage.split()
     if action == "truncate":
@@ -174,6 +184,68 @@ def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, env, damage):
     assert f"not resuming from {newest}" in result.stderr and "step_00000002 at step 2" in result.stdout
     a, b = load_file(unbroken / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights as a run that never broke
+
+
+def _zero(path, start, length):
+    """Overwrite `length` bytes from `start` with zeros, in place: the size stays, the bytes change."""
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(b"\0" * min(length, path.stat().st_size - start))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("zero model.safetensors", "model.safetensors does not have the bytes that were written"),
+    ("zero optimizer.bin", "optimizer.bin does not have the bytes that were written"),
+    ("zero random_states_0.pkl", "random_states_0.pkl does not have the bytes that were written"),
+    ("remove manifest.json", "no manifest.json, so its files cannot be verified"),
+    ("old-manifest random_states_0.pkl", "random_states_0.pkl does not load"),
+    ("old-manifest model.safetensors", "model.safetensors does not load"),
+])
+def test_damage_that_keeps_a_files_size_is_seen(three_checkpoints, tmp_path, damage, message):
+    """64 KB zeroed inside a file (a bad sector, a botched copy) keeps its size: the sha256 in the
+    manifest tells. A checkpoint written before checksums (sizes only) is read to be verified instead:
+    an RNG state that does not load is damage (Accelerate would have resumed without it, silently)."""
+    from ssl_vit.run_state import damaged
+
+    checkpoint = tmp_path / "step_00000003"
+    shutil.copytree(three_checkpoints / "checkpoints" / "step_00000003", checkpoint)
+    assert damaged(checkpoint) is None
+    action, name = damage.split()
+    if action == "remove":
+        (checkpoint / name).unlink()
+    else:
+        if action == "old-manifest":  # the manifest as written before checksums: sizes only
+            manifest = json.loads((checkpoint / "manifest.json").read_text())
+            (checkpoint / "manifest.json").write_text(json.dumps({k: v["size"] for k, v in manifest.items()}))
+            assert damaged(checkpoint) is None  # read whole, it loads
+        _zero(checkpoint / name, min(64, (checkpoint / name).stat().st_size // 4), 64 * 1024)
+    assert message in damaged(checkpoint)
+
+
+def test_the_checkpoint_benchmark_writes_and_verifies_a_recipes_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "checkpoint", "--recipe",
+                             "mae_tiny_digits", "--repeats", "1", "--dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| recipe | checkpoint | files | write (with sha256) | verify (sha256 of every file) |" in result.stdout
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["bytes"] > 0 and figures["verify_s"] > 0  # what it costs is the benchmark's business
+
+
+def test_every_checkpoint_damaged_stops_the_run_and_keeps_everything(three_checkpoints, tmp_path, env):
+    """Starting over would overwrite the exports and let keep_checkpoints delete the new checkpoints in
+    favour of the damaged ones: the run stops, says so and names the way out."""
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    for checkpoint in (out / "checkpoints").iterdir():
+        _zero(checkpoint / "model.safetensors", 100, 1000)
+    exports = {name: (out / name).read_bytes() for name in ("model.safetensors", "backbone.safetensors")}
+    result = run(mae(out, "train.max_steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=5",
+                     "data.num_workers=0"), env, expect=2)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: every checkpoint in") and "resume=false" in last and "Traceback" not in result.stderr
+    assert all((out / name).read_bytes() == data for name, data in exports.items())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in (1, 2, 3)]
 
 
 def test_a_full_disk_is_named_and_leaves_no_half_checkpoint(tmp_path, monkeypatch):
@@ -191,7 +263,7 @@ def test_a_full_disk_is_named_and_leaves_no_half_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 4096))
     saved = Checkpoints(Accelerator(), tmp_path / "checkpoints", keep=2)
-    with pytest.raises(ConfigError, match=r"disk full while writing checkpoint step_00000007 in .* \(0 MB free\)"):
+    with pytest.raises(ConfigError, match=r"could not write checkpoint step_00000007 in .*: the disk is full \(0 MB free\)"):
         saved.save(TrainState(step=7))
     assert list((tmp_path / "checkpoints").iterdir()) == []  # the unfinished copy is gone
 
@@ -303,6 +375,16 @@ def test_a_prefixed_state_dict_loads_and_says_so(files):
     (["optim.blr=nan"], "optim.blr=nan is not a finite number"),
     (["model.img_size=33"], "model.img_size=33 is not a multiple of the 8-pixel patches"),
     (["train.output_dir=${oops}"], "train.output_dir"),
+    # values that made every step's loss NaN (then "done", exit 0) or divided by zero (issue 20)
+    (["task.mask_ratio=0"], "task.mask_ratio=0.0 must be in (0, 1)"),
+    (["task.mask_ratio=0.99"], "task.mask_ratio=0.99 of the encoder's 16 patches keeps none"),
+    (["data.std=[0,0,0]"], "every std positive"),
+    (["data.mean=[nan,0,0]"], "the means must be finite"),
+    (["model.patch_size=0"], "model.patch_size=0 must be positive"),
+    (["model.depth=0"], "model.depth=0 must be positive"),
+    (["model.num_heads=-2"], "model.num_heads=-2 must be positive"),
+    (["model.in_chans=0"], "model.in_chans=0 must be positive"),
+    (["model.drop_path_rate=1.5"], "model.drop_path_rate=1.5 must be in [0, 1)"),
 ])
 def test_bad_values_are_refused(args, message):
     from ssl_vit import config
@@ -310,6 +392,16 @@ def test_bad_values_are_refused(args, message):
     with pytest.raises(ConfigError) as error:
         config.load(["recipe=mae_tiny_digits", *TINY_MAE, *args])
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("recipe, override", [
+    ("simmim_swin_digits", "model.window_size=0"), ("simmim_swin_digits", "model.depths=[2,0]"),
+    ("beit_digits", "model.patch_size=0"), ("beit_digits", "model.mlp_ratio=0.0"), ("simmim_digits", "model.embed_dim=0")])
+def test_every_familys_sizes_must_be_positive(recipe, override):
+    from ssl_vit import config
+
+    with pytest.raises(ConfigError, match=rf"{re.escape(override.replace(',', ', '))} must be positive"):
+        config.load([f"recipe={recipe}", override])
 
 
 def test_a_bad_value_stops_a_run_in_one_line(tmp_path, env):
@@ -374,9 +466,13 @@ def test_the_two_process_batch_error_is_one_line_with_a_command_that_works(tmp_p
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits", f"train.output_dir={tmp_path / 'run'}"]
     result = run(command, env, expect=1)
-    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert ours == ["error: optim.batch_size=128 (global) is not a multiple of data.batch_size=128 (per device) x 2 "
-                    "process(es): add data.batch_size=64 (a divisor of 64, the global batch's share of each process)"]
+    line = ("error: optim.batch_size=128 (global) is not a multiple of data.batch_size=128 (per device) x 2 "
+            "process(es): add data.batch_size=64 (a divisor of 64, the global batch's share of each process)")
+    ours = [text for text in result.stderr.splitlines() if text.startswith("error:")]
+    assert ours == [line]
+    # torchrun's table of failed ranks, printed last, ends with the same line (the error file each rank gets)
+    root_cause = result.stderr[result.stderr.rindex("Root Cause"):]
+    assert f"traceback : {line}" in root_cause and "To enable traceback" not in root_cause
 
 
 # -------------------------------------------------------------------------------------------
@@ -398,6 +494,7 @@ def test_the_soak_accepts_a_sigterm_death_only_where_nothing_can_be_lost():
 
 @pytest.mark.slow
 def test_random_kills_end_with_the_weights_of_an_unbroken_run(tmp_path, env):
-    result = run([sys.executable, str(ROOT / "tools" / "fault_soak.py"), "--kills", "8", "--steps", "24",
-                  "--workdir", str(tmp_path)], env, timeout=3000)
+    result = run([sys.executable, str(ROOT / "tools" / "fault_soak.py"), "--kills", "8", "--error-exits", "3",
+                  "--final-kills", "3", "--steps", "24", "--workdir", str(tmp_path)], env, timeout=3000)
     assert "final weights: identical to the unbroken run" in result.stdout
+    assert "(3 error, " in result.stdout and " random, 3 final;" in result.stdout

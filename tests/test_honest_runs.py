@@ -91,6 +91,23 @@ def test_going_back_to_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, e
                                                                       "step_00000003"]
 
 
+def test_starting_over_sets_aside_every_file_of_the_old_run(tmp_path, env, tiny_mae_run):
+    """resume=false moves whatever the old run wrote, not a list of the loop's own files: a task's
+    outputs too (the dVAE's tokenizer.safetensors was overwritten in place)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_mae_run, out)
+    (out / "tokenizer.safetensors").write_bytes(b"the old run's tokenizer")
+    old = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    run([*PRETRAIN, "recipe=mae_tiny_digits", f"train.output_dir={out}", *TINY_MAE, "train.max_steps=1",
+         "resume=false", "eval.knn_every=0"], env)
+    (previous,) = (out / "previous").iterdir()
+    assert sorted(p.name for p in previous.iterdir() if p.name != "WHY") == old
+    assert (previous / "tokenizer.safetensors").read_bytes() == b"the old run's tokenizer"
+    assert not (out / "tokenizer.safetensors").exists()
+
+
 def test_a_changed_init_is_refused_rather_than_resumed(tmp_path, env, tiny_mae_run):
     """The README's `# or init=random` into the same folder used to 'resume' the MAE probe."""
     out = tmp_path / "probe"
@@ -295,7 +312,7 @@ def test_a_validation_split_written_in_order_shows_several_classes(tmp_path):
             Image.new("RGB", (8, 8), (shade,) * 3).save(png)
             items.append(Item(str(png), label, f"{label}_{i:02d}"))
     write_shards(items, ["black", "white"], tmp_path / "val", shuffle=False, progress=False)
-    cfg = config.load(["recipe=mae_base", f"data.val={tmp_path / 'val.json'}", "model.img_size=16",
+    cfg = config.load(["recipe=mae_base", f"data.val={tmp_path / 'val.json'}", "model.img_size=16", "model.patch_size=4",
                        "num_images=4"], schema=VisualizeConfig)
     images = load_images(cfg)
     brightness = images.float().mean(dim=(1, 2, 3))

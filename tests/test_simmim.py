@@ -190,7 +190,8 @@ def test_model_file_is_simmims_layout_and_loads_back(tmp_path):
     ("task.mask_patch_size=12", r"task.mask_patch_size=12 must be a multiple of the encoder's 8-pixel patches .* "
                                 r"use e.g. task.mask_patch_size=8"),
     ("task.mask_patch_size=64", r"divide the 32-pixel images .* use e.g. task.mask_patch_size=32"),
-    ("task.mask_ratio=1.0", r"task.mask_ratio=1.0 must be in \[0, 1\)"),
+    ("task.mask_ratio=1.0", r"task.mask_ratio=1.0 must be in \(0, 1\)"),
+    ("task.mask_ratio=0", r"task.mask_ratio=0.0 must be in \(0, 1\)"),
     ("model.global_pool=avg", "set model.global_pool=token"),
     ("model.arch=timm:resnet18", "needs the encoder's mask_token forward"),
 ])

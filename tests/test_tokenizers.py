@@ -1,5 +1,6 @@
 """Visual tokenizers: DALL-E's encoder converted from a pickle without running it (and pickles that try to
 run something refused), tokenizer files, the vector-quantised dVAE's tokens, losses and codebook use."""
+import io
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import types
 import warnings
+import zipfile
 from collections import OrderedDict
 
 import pytest
@@ -299,3 +301,243 @@ def test_the_random_tokenizer_comes_from_its_seed_alone():
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     assert not torch.equal(first.encoder.codebook, other.encoder.codebook)
     assert (first.vocab_size, first.stride) == (8192, 4)
+
+
+# -------------------------------------------------------------------------------------------
+# hostile pickles: tensors laid out to ask for more memory than the file holds (issue 20)
+
+
+class CraftedStorage:
+    """A storage as a pickle names it: its key, the number of elements it declares, the bytes written."""
+
+    def __init__(self, key, numel, data):
+        self.key, self.numel, self.data = key, numel, data
+
+
+class CraftedTensor:
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+
+class CraftingPickler(pickle.Pickler):
+    """Pickles a module as torch.save does (the same GLOBALs and persistent ids), every tensor in a
+    storage of its own, except those `layouts` (name -> (offset, size, stride, declared numel, values))
+    lays out by hand: what a hostile file can hold and torch would never write. With `share_one_storage`,
+    every other tensor is the whole of one storage."""
+
+    def __init__(self, file, module, layouts, share_one_storage=False):
+        super().__init__(file, protocol=2)
+        tensors = module.state_dict(keep_vars=True)
+        self.layouts = {id(tensors[name]): layout for name, layout in layouts.items()}
+        self.storages = {}
+        self.shared = self.storage(2048, torch.zeros(2048)) if share_one_storage else None
+
+    def storage(self, numel, values):
+        key = str(len(self.storages))
+        self.storages[key] = CraftedStorage(key, numel, values.float().contiguous().numpy().tobytes())
+        return self.storages[key]
+
+    def persistent_id(self, obj):
+        if isinstance(obj, CraftedStorage):
+            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, CraftedTensor):
+            return torch._utils._rebuild_tensor_v2, (obj.storage, obj.offset, obj.size, obj.stride, False,
+                                                     OrderedDict())
+        if not isinstance(obj, torch.Tensor):
+            return NotImplemented
+        if id(obj) in self.layouts:
+            offset, size, stride, numel, values = self.layouts[id(obj)]
+            tensor = CraftedTensor(self.storage(numel, values), offset, size, stride)
+        elif self.shared is not None:   # the same numbers read again and again
+            tensor = CraftedTensor(self.shared, 0, (self.shared.numel,), (1,))
+        else:
+            tensor = CraftedTensor(self.storage(obj.numel(), obj.detach().flatten()), 0, tuple(obj.shape),
+                                   tuple(torch.empty(obj.shape).stride()))
+        return torch._utils._rebuild_parameter, (tensor, False, OrderedDict())
+
+
+def write_crafted_pickle(path, layouts=(), *, legacy=False, share_one_storage=False):
+    """A tiny DALL-E encoder pickled as torch.save writes it (zip or legacy format), with the tensors
+    named in `layouts` laid out as given (or every tensor a view of one storage)."""
+    modules = dall_e_modules()
+    sys.modules.update(modules)     # (pickle finds a class by its module's name)
+    try:
+        encoder = modules["dall_e.encoder"].Encoder(n_hid=N_HID, n_blk_per_group=1, vocab_size=VOCAB)
+        buffer = io.BytesIO()
+        pickler = CraftingPickler(buffer, encoder, dict(layouts), share_one_storage)
+        pickler.dump(encoder)
+    finally:
+        for name in modules:
+            del sys.modules[name]
+    if not legacy:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("archive/data.pkl", buffer.getvalue())
+            archive.writestr("archive/byteorder", "little")
+            for key, storage in pickler.storages.items():
+                archive.writestr(f"archive/data/{key}", storage.data)
+        return path
+    with open(path, "wb") as f:  # torch/serialization.py's _legacy_save: magic, version, info, object, keys, data
+        for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        f.write(buffer.getvalue())
+        pickle.dump(sorted(pickler.storages), f, protocol=2)
+        for key in sorted(pickler.storages):
+            storage = pickler.storages[key]
+            f.write(storage.numel.to_bytes(8, "little") + storage.data)
+    return path
+
+
+TERA = 2 ** 40  # elements: 4 TB of float32
+HOSTILE_LAYOUTS = {   # blocks.input.b (16 numbers) laid out to ask for what the file does not hold
+    "zero stride": ({"blocks.input.b": (0, (TERA,), (0,), 1, torch.zeros(1))}, r"blocks.input.b: .*stride 0 repeats"),
+    "overlapping": ({"blocks.input.b": (0, (4, 4), (1, 1), 16, torch.zeros(16))}, r"overlap"),
+    "beyond its storage": ({"blocks.input.b": (10, (16,), (1,), 16, torch.zeros(16))}, r"beyond its storage"),
+    "a storage larger than the file": ({"blocks.input.b": (0, (16,), (1,), TERA, torch.zeros(16))},
+                                       r"storage \d+ declares 1099511627776 numbers"),
+    "a storage larger than its bytes": ({"blocks.input.b": (0, (16,), (1,), 32, torch.zeros(16))},
+                                        r"storage \d+ (declares 32 numbers|holds \d+ numbers, the pickle says)"),
+}
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("case", list(HOSTILE_LAYOUTS))
+def test_tensors_laid_out_beyond_what_the_file_holds_are_refused_before_any_copy(tmp_path, case, legacy):
+    layouts, message = HOSTILE_LAYOUTS[case]
+    path = write_crafted_pickle(tmp_path / "encoder.pkl", layouts, legacy=legacy)
+    assert path.stat().st_size < 1_000_000     # the tiny encoder: what it asks for more is in the layout alone
+    with pytest.raises(RefusedPickle, match=message):
+        convert_dall_e(path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_tensors_sharing_one_storage_may_not_take_more_than_the_file_holds(tmp_path, legacy):
+    path = write_crafted_pickle(tmp_path / "encoder.pkl", legacy=legacy, share_one_storage=True)
+    with pytest.raises(RefusedPickle, match=r"tensors would take \d+ bytes, more than the \d+ of the file"):
+        convert_dall_e(path, tmp_path / "out.safetensors")
+
+
+@pytest.mark.parametrize("size, stride, values, message", [
+    ((4, 4), (4, 1), torch.zeros(16), r"reshaped: blocks.input.b 4x4 \(DALL-E's encoder has 16\)"),
+    ((16,), (1,), torch.full((16,), float("nan")), r"non-finite weights \(NaN or inf\) in blocks.input.b"),
+])
+def test_a_pickled_encoder_with_other_shapes_or_non_finite_weights_is_refused(tmp_path, size, stride, values,
+                                                                               message):
+    """Well laid out, but not the encoder's tensors: a ValueError (one line from the tool), not a
+    traceback from load_state_dict, and no tokenizer file of NaN codes."""
+    path = write_crafted_pickle(tmp_path / "encoder.pkl", {"blocks.input.b": (0, size, stride, 16, values)})
+    with pytest.raises(ValueError, match=message):
+        convert_dall_e(path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_truncated_pickle_is_refused_in_one_line(tmp_path, legacy):
+    path = write_crafted_pickle(tmp_path / "encoder.pkl", legacy=legacy)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(RefusedPickle, match="encoder.pkl"):
+        convert_dall_e(path, tmp_path / "out.safetensors")
+
+
+def test_the_tool_refuses_a_pickle_asking_for_terabytes_in_one_line(tmp_path, env):
+    """The file of the hostile-input walk: a parameter of 2^40 elements with stride 0 over one number
+    (both formats go through the same check, above). Refused from the numbers alone, before torch is
+    asked for any memory: the 4 TB copy used to end in a traceback from the allocator."""
+    path = write_crafted_pickle(tmp_path / "encoder.pkl", HOSTILE_LAYOUTS["zero stride"][0])
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_tokenizer.py"), str(path),
+                             str(tmp_path / "out.safetensors")], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: refused {path}: "), result.stderr
+    assert "blocks.input.b" in result.stderr and "stride 0" in result.stderr
+
+
+# -------------------------------------------------------------------------------------------
+# tokenizer files that are not what they say (issue 20)
+
+
+def tiny_vq_tokenizer():
+    torch.manual_seed(0)
+    encoder = DVAEEncoder(img_size=8, hidden_dim=8, num_downsamples=1, num_res_blocks=1, code_dim=4, vocab_size=16)
+    return VQTokenizer(encoder, [0.5] * 3, [0.5] * 3)
+
+
+def write_tokenizer(path, edit_tensors=None, edit_description=None, metadata=None):
+    """A tiny vq tokenizer file, its tensors and description edited as given."""
+    from safetensors.torch import save_file
+
+    tokenizer = tiny_vq_tokenizer()
+    tensors = {k: v.contiguous() for k, v in tokenizer.encoder.state_dict().items()}
+    description = tokenizer.description()
+    (edit_tensors or (lambda t: None))(tensors)
+    (edit_description or (lambda d: None))(description)
+    save_file(tensors, str(path), metadata={"format": "ssl_vit", "kind": "tokenizer",
+                                            "tokenizer": json.dumps(description), **(metadata or {})})
+    return path
+
+
+def test_a_tokenizer_file_with_other_tensors_says_which_in_one_line(tmp_path):
+    def edit(tensors):
+        del tensors["proj.bias"]
+        tensors["codebook"] = torch.randn(32, 4)     # another vocabulary than the description's 16 codes
+        tensors["extra.weight"] = torch.zeros(2)
+
+    path = write_tokenizer(tmp_path / "tokenizer.safetensors", edit)
+    with pytest.raises(CheckpointError) as error:
+        load_tokenizer(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message
+    assert "missing: proj.bias" in message and "unexpected: extra.weight" in message
+    assert "reshaped: codebook 32x4 (the description's vq tokenizer has 16x4)" in message
+
+
+def test_tokenizer_metadata_that_is_not_json_is_a_config_error(tmp_path):
+    path = write_tokenizer(tmp_path / "tokenizer.safetensors", metadata={"tokenizer": "{'type': 'vq'"})
+    for read in (read_description, load_tokenizer):
+        with pytest.raises(ConfigError, match=rf"{path}: its 'tokenizer' metadata is not JSON .*line 1"):
+            read(path)
+    path = write_tokenizer(tmp_path / "tokenizer.safetensors", edit_description=lambda d: d.pop("stride"))
+    with pytest.raises(ConfigError, match=rf"{path}: its description has no stride"):
+        read_description(path)
+    path = write_tokenizer(tmp_path / "tokenizer.safetensors", edit_description=lambda d: d.pop("encoder"))
+    with pytest.raises(ConfigError, match=rf"{path}: its description does not build a vq tokenizer \(KeyError"):
+        load_tokenizer(path)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"format": "ssl_vit"})   # ours, but of no kind
+    with pytest.raises(ConfigError, match=rf"{path} is an ssl_vit unnamed export, not a tokenizer"):
+        read_description(path)
+
+
+def test_a_tokenizer_with_non_finite_weights_is_refused_naming_them(tmp_path):
+    def edit(tensors):
+        tensors["codebook"][3, 1] = float("nan")
+        tensors["proj.weight"][0, 0] = float("inf")
+
+    path = write_tokenizer(tmp_path / "tokenizer.safetensors", edit)
+    with pytest.raises(CheckpointError, match=rf"{path}: non-finite weights \(NaN or inf\) in codebook, "
+                                              r"proj.weight"):
+        load_tokenizer(path)
+
+
+def test_a_tokenizer_whose_recorded_stride_is_not_its_layers_is_refused_before_a_run_starts(tmp_path):
+    """The description says a code per 4x4 pixels, the convolutions give one per 2x2: BEiT would crop
+    its tokenizer view for stride 4 and fail at the first step. The run's build refuses it."""
+    from ssl_vit import config
+    from ssl_vit.tasks import build
+
+    path = write_tokenizer(tmp_path / "tokenizer.safetensors", edit_description=lambda d: d.update(stride=4))
+    message = rf"{path} records stride 4 .*, but its layers give stride 2: a 4x4 image gives 2x2 codes"
+    with pytest.raises(CheckpointError, match=message):
+        load_tokenizer(path)
+    other = write_tokenizer(tmp_path / "vocab.safetensors", edit_description=lambda d: d.update(vocab_size=99))
+    with pytest.raises(CheckpointError, match=rf"{other} records vocab_size 99, but its layers give 16"):
+        load_tokenizer(other)
+    cfg = config.load(["recipe=beit_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                       "model.patch_size=8", "task.num_mask_patches=6", "task.min_mask_patches_per_block=2",
+                       f"task.tokenizer.path={path}"])
+    with pytest.raises(CheckpointError, match=message):
+        build(cfg)

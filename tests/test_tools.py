@@ -1,15 +1,21 @@
-"""The evaluation commands end to end: tools/knn.py, tools/linear_probe.py, tools/finetune.py."""
+"""The evaluation commands end to end: tools/knn.py, tools/linear_probe.py, tools/finetune.py;
+tools/predict.py on inputs it must refuse."""
+import io
 import json
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from conftest import ROOT, free_port, main_script
 from conftest import run_command as run
-from ssl_vit import config, create_encoder, load_weights
+from ssl_vit import config, create_encoder, export_model, load_weights
+from ssl_vit.predict_command import predict
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
 
@@ -79,14 +85,15 @@ PROBE_PATHS = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 from ssl_vit import config
-from ssl_vit.train import Trainer, _chunks
+from itertools import islice
+from ssl_vit.train import Trainer
 cfg = config.load(["recipe=linprobe_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                    "model.patch_size=8", "data.num_workers=0", "data.train_transform={transform}",
                    "train.output_dir={out}"])
 trainer = Trainer(cfg)
 calls = [0]
 trainer.encoder.blocks[0].register_forward_hook(lambda m, i, o: calls.__setitem__(0, calls[0] + 1))
-micro = next(iter(_chunks(trainer.data.epoch(0), trainer.plan.accumulation)))
+micro = list(islice(trainer.data.epoch(0), trainer.plan.accumulation))
 trainer.train_step(micro)
 print(json.dumps(dict(data=type(trainer.data).__name__, keys=sorted(micro[0]), encoder_calls=calls[0])))
 """
@@ -123,6 +130,15 @@ def test_finetune_evaluates_keeps_the_best_and_exports_for_timm(tmp_path, env, b
         assert torch.allclose(timm_model(images), ours(images), atol=1e-5)
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("eval" in line for line in lines)
+
+
+def test_knn_of_a_random_encoder_on_the_digits_builds_the_digits_encoder(tmp_path, env):
+    """Without a recipe, `knn.py init=random data.name=digits` built a ViT-B/16 at 224 px (over 10 minutes
+    on 2 cores): it takes recipes/knn_digits.yaml, says so, and how to choose another architecture."""
+    result = run([*tool("knn"), "init=random", "data.name=digits", f"train.output_dir={tmp_path}"], env)
+    assert "randomly initialised vit_tiny_patch16 encoder (embed_dim 128, depth 4" in result.stdout
+    assert "recipe knn_digits; another architecture: like=" in result.stdout
+    assert metrics(tmp_path)["top1"] == pytest.approx(55.0)  # the README's random row (seed 0)
 
 
 def test_evaluation_commands_need_an_init(tmp_path, env, monkeypatch, capsys):
@@ -177,3 +193,80 @@ def test_validation_accuracy_is_the_same_on_one_and_two_processes(tmp_path, env)
     assert results["one"]["num_samples"] == results["two"]["num_samples"] == 360
     assert results["one"]["top1"] == pytest.approx(results["two"]["top1"])
     assert results["one"]["top5"] == pytest.approx(results["two"]["top5"])
+
+
+# -------------------------------------------------------------------------------------------
+# tools/predict.py on inputs it must refuse: one line, exit code 2 (issue 20's hostile-input walk)
+
+
+@pytest.fixture(scope="module")
+def random_classifier(tmp_path_factory):
+    """An untrained 3-class export: refusing inputs needs a classifier, not a trained one (no run)."""
+    model = create_encoder("vit_tiny_patch16", embed_dim=32, depth=1, num_heads=2, patch_size=8, img_size=32,
+                           num_classes=3)
+    return export_model(model, tmp_path_factory.mktemp("classifier") / "model.safetensors",
+                        extra={"classes": ["cat", "dog", "fish"]})
+
+
+def one_error_line(error: str) -> str:
+    lines = error.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in error, error
+    return lines[0]
+
+
+def huge_png(path: Path, side: int = 20000) -> Path:
+    """A 1-bit black PNG of side x side pixels in a few kB: too large for Pillow to open."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compressobj(9)  # row by row: the 50 MB of raw rows never exist at once
+    pixels = b"".join(rows.compress(bytes(1 + (side + 7) // 8)) for _ in range(side)) + rows.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+def test_predict_refuses_an_image_too_large_for_pillow(tmp_path, env, random_classifier):
+    image = huge_png(tmp_path / "huge.png")
+    result = run([*tool("predict"), str(random_classifier), str(image)], env, expect=2)
+    line = one_error_line(result.stderr)
+    # the file, its size (20000 x 20000 pixels), Pillow's limit, and the way out
+    assert str(image) in line and "400000000 pixels" in line and str(2 * Image.MAX_IMAGE_PIXELS) in line
+    assert "Downscale it" in line
+
+
+def png_of(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("content", [
+    b"not an image at all",
+    png_of(Image.new("RGB", (64, 64), "red"))[:60],  # truncated inside its pixels
+    b"P6\n32u 32\n255\n" + bytes(32 * 32 * 3),  # a broken PPM header: Pillow raises ValueError
+], ids=["text", "truncated", "broken-header"])
+def test_predict_refuses_a_file_that_is_no_readable_image(tmp_path, random_classifier, capsys, content):
+    (tmp_path / "bad.img").write_bytes(content)
+    assert predict([str(random_classifier), str(tmp_path / "bad.img")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "bad.img is not an image that PIL can read" in line
+
+
+@pytest.mark.parametrize("top_k", ["0", "-1", "two"])
+def test_predict_refuses_a_top_k_below_one(tmp_path, random_classifier, capsys, top_k):
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    with pytest.raises(SystemExit) as stop:  # argparse: its usage, then one error line
+        predict([str(random_classifier), str(tmp_path / "x.png"), "--top-k", top_k])
+    error = capsys.readouterr().err
+    last = error.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "argument --top-k: " in last and ">= 1" in last, error
+    assert "Traceback" not in error
+
+
+def test_predict_shows_every_class_when_top_k_exceeds_them(tmp_path, random_classifier, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert predict([str(random_classifier), str(tmp_path / "x.png"), "--top-k", "10", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["top"]
+    assert sorted(t["class"] for t in top) == ["cat", "dog", "fish"]
+    assert sum(t["probability"] for t in top) == pytest.approx(1, abs=1e-5)

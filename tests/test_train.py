@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,9 +78,18 @@ def test_the_step_schedule_drops_at_its_milestones():
         config.load(["recipe=mae_base", "optim.schedule=step"])
 
 
-def test_a_short_run_trains_logs_checkpoints_and_exports(tmp_path, cache):
-    out = tmp_path / "run"
-    result = pretrain(out, cache, "train.max_steps=6", "train.checkpoint_every=4", "log.images_every=3")
+SHORT_RUN = ["train.max_steps=6", "train.checkpoint_every=4", "log.images_every=3"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, cache):
+    """A finished 6-step run (the tests of re-runs work on copies of it)."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    return out, pretrain(out, cache, *SHORT_RUN)
+
+
+def test_a_short_run_trains_logs_checkpoints_and_exports(short_run):
+    out, result = short_run
     assert "done: 6 steps" in result.stdout
     for name in ("config.yaml", "plan.json", "log.jsonl", "backbone.safetensors", "backbone.json",
                  "model.safetensors", "model.json"):
@@ -123,11 +133,11 @@ def _snapshot(folder):
             for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-def test_rerunning_a_finished_run_leaves_it_as_it_is(tmp_path, cache):
+def test_rerunning_a_finished_run_leaves_it_as_it_is(tmp_path, cache, short_run):
     out = tmp_path / "run"
-    pretrain(out, cache, "train.max_steps=2")
+    shutil.copytree(short_run[0], out, copy_function=shutil.copy2)  # modification times kept
     before = _snapshot(out)
-    result = pretrain(out, cache, "train.max_steps=2")
+    result = pretrain(out, cache, *SHORT_RUN)
     assert "nothing to do" in result.stdout
     after = _snapshot(out)
     assert sorted(after) == sorted(before)  # no new file (not even a TensorBoard event file)
@@ -135,18 +145,18 @@ def test_rerunning_a_finished_run_leaves_it_as_it_is(tmp_path, cache):
     assert not changed, f"rewritten by a run that had nothing to do: {changed}"
 
 
-def test_a_run_stopped_after_its_last_checkpoint_writes_its_final_outputs_when_rerun(tmp_path, cache):
+def test_a_run_stopped_after_its_last_checkpoint_writes_its_final_outputs_when_rerun(tmp_path, cache, short_run):
     """The periodic checkpoint can fall on the last step: a kill right after it left a run at its last
     step without its export and metrics.json. The rerun writes them (the same numbers), not "nothing to do"."""
     out = tmp_path / "run"
-    pretrain(out, cache, "train.max_steps=2")
+    shutil.copytree(short_run[0], out)
     metrics_before, weights_before = json.loads((out / "metrics.json").read_text()), _final_weights(out)
     (out / "metrics.json").unlink()
     (out / "model.safetensors").unlink()
-    result = pretrain(out, cache, "train.max_steps=2")
-    assert "metrics.json were not written" in result.stdout and "nothing to do" not in result.stdout
+    result = pretrain(out, cache, *SHORT_RUN)
+    assert "model.safetensors, metrics.json were not written" in result.stdout and "nothing to do" not in result.stdout
     metrics_after = json.loads((out / "metrics.json").read_text())
-    assert metrics_after["top1"] == metrics_before["top1"] and metrics_after["step"] == metrics_before["step"] == 2
+    assert metrics_after["top1"] == metrics_before["top1"] and metrics_after["step"] == metrics_before["step"] == 6
     weights_after = _final_weights(out)
     assert weights_after.keys() == weights_before.keys()
     assert all(torch.equal(weights_after[k], weights_before[k]) for k in weights_before)

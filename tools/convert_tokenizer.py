@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     try:
         tokenizer = convert_dall_e(source, out)
     except RefusedPickle as e:
-        print(f"error: refused {source}: {e}", file=sys.stderr)
+        reason = str(e).removeprefix(f"{source}: ")  # (the reader's messages name the file too)
+        print(f"error: refused {source}: {reason}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,12 +1,22 @@
 #!/usr/bin/env python
-"""Fault soak: kill one training run again and again at random moments (SIGKILL or SIGTERM, to the
-whole process group, while it trains, evaluates or writes a checkpoint), re-run the same command each
-time, and check that the final weights are bit-identical to those of a run that was never interrupted.
+"""Fault soak: kill one training run again and again (SIGKILL or SIGTERM, to the whole process group),
+re-run the same command each time, and check that the final weights are bit-identical to those of a
+run that was never interrupted. Three kinds of interruption, in this order:
 
-    python tools/fault_soak.py --kills 20 --steps 40          # a tiny MAE on the embedded digits, ~10 min on 2 cores
+    --error-exits N   an error in a step (tests/faulty_tasks.py raises in a forward call), killed at a
+                      random moment of its way out (closing the loader workers, the traceback, exit):
+                      it must end within a minute either way, never hang
+    --kills N         at random moments: while it starts, trains, evaluates or writes a checkpoint
+                      (skipped once the run has reached its last step)
+    --final-kills N   after the last step is logged: during the final checkpoint, evaluation, exports
+                      and metrics.json, which the re-run must then write
 
-Prints one line per interruption (signal, how long the run had been alive, the step it had logged,
-how it ended), the verdict, and a final JSON line. Exit code 0 only when the weights are identical.
+    python tools/fault_soak.py --kills 20 --error-exits 4 --final-kills 4 --steps 40   # a tiny MAE on the digits, ~10 min on 2 cores
+
+The runs are MAE through tests/faulty_tasks.py (a plugin: identical to MAE unless its environment asks
+for a fault). Prints one line per interruption (kind, signal, how long the run had been alive, the
+step it had logged, how it ended), the verdict, and a final JSON line. Exit code 0 only when the
+weights are identical, each step is logged once and no run hung.
 """
 from __future__ import annotations
 
@@ -28,9 +38,13 @@ TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch
         "train.keep_checkpoints=3"]
 
 
+PLUGIN = ROOT / "tests" / "faulty_tasks.py"
+FAILING = "faulty_mae: forward call"  # what the plugin prints as it raises
+
+
 def command(out: Path, steps: int) -> list[str]:
-    return [sys.executable, str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits", f"train.output_dir={out}", *TINY,
-            f"train.max_steps={steps}"]
+    return [sys.executable, str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits", f"imports=[{PLUGIN}]",
+            "task.name=faulty_mae", f"train.output_dir={out}", *TINY, f"train.max_steps={steps}"]
 
 
 def last_step(out: Path) -> int:
@@ -49,7 +63,9 @@ def sigterm_may_kill(output: str) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=20, help="interruptions before the run may finish (default 20)")
+    parser.add_argument("--kills", type=int, default=20, help="kills at random moments (default 20)")
+    parser.add_argument("--error-exits", type=int, default=4, help="errors, killed on their way out (default 4)")
+    parser.add_argument("--final-kills", type=int, default=4, help="kills after the last step (default 4)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps of the run (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule (default 0)")
     parser.add_argument("--workdir", default=None, help="folder for the two runs (default: a temporary one)")
@@ -64,33 +80,48 @@ def main(argv=None) -> int:
     run_seconds = time.time() - started
     print(f"unbroken run: {args.steps} steps in {run_seconds:.0f} s")
 
+    # errors first: they stop the run within a few steps, so random kills still find it unfinished
+    plan = ["error"] * args.error_exits + ["random"] * args.kills + ["final"] * args.final_kills
     kills = []
-    while True:
-        process = subprocess.Popen(command(broken, args.steps), env=env, stdout=subprocess.PIPE,
+    for kind in plan:
+        if last_step(broken) >= args.steps and kind != "final":
+            continue  # the run got to its end already: only the final outputs are left to interrupt
+        faults = {"FAULTY_FAIL_AT": str(rng.randint(1, 8))} if kind == "error" else {}
+        process = subprocess.Popen(command(broken, args.steps), env={**env, **faults}, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        if len(kills) < args.kills:
-            delay = rng.uniform(1.5, max(3.0, 0.6 * run_seconds))  # start-up, steps, evaluations, checkpoints
-            try:
-                process.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-                step = last_step(broken)
-                os.killpg(process.pid, sig)
-                output, _ = process.communicate(timeout=300)
-                ended = "checkpoint, exit 0" if process.returncode == 0 and "preempted" in output else \
-                    f"exit {process.returncode}"
-                kills.append({"signal": sig.name, "after_s": round(delay, 1), "step": step, "ended": ended})
-                print(f"kill {len(kills):3d}: {sig.name:7s} after {delay:5.1f} s at step {step:3d}: {ended}", flush=True)
-                if sig == signal.SIGTERM and process.returncode != 0 and not sigterm_may_kill(output):
-                    print(output[-2000:])
-                    return 1
-                continue
-        output, _ = process.communicate(timeout=1200)
-        if process.returncode != 0:
-            print(output[-3000:])
+        step = last_step(broken)
+        moment = {"random": lambda: _after(process, rng.uniform(1.5, max(3.0, 0.6 * run_seconds))),
+                  "error": lambda: _after_line(process, FAILING, rng.uniform(0.0, 0.5)),
+                  "final": lambda: _in_final_phase(process, broken, args.steps, rng.uniform(0.0, 3.0))}[kind]
+        lines = moment()
+        sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+        alive = process.poll() is None
+        if alive:
+            step = last_step(broken)
+            os.killpg(process.pid, sig)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            print(f"{kind} interruption: the run did not exit within 60 s of {sig.name if alive else 'its error'}")
             return 1
-        if f"done: {args.steps} steps" in output or "nothing to do" in output:
-            break
+        output = lines + output
+        ended = ("checkpoint, exit 0" if process.returncode == 0 and "preempted" in output else
+                 f"exit {process.returncode}" + ("" if alive else f" before the {sig.name}"))
+        kills.append({"kind": kind, "signal": sig.name if alive else None, "step": step, "ended": ended})
+        print(f"{kind:6s} {len(kills):3d}: {sig.name if alive else '-':7s} at step {step:3d}: {ended}", flush=True)
+        if kind == "error" and process.returncode not in (1, -signal.SIGKILL, -signal.SIGTERM, 0):
+            print(output[-2000:])
+            return 1
+        if alive and sig == signal.SIGTERM and kind != "error" and process.returncode != 0 and \
+                not sigterm_may_kill(output):
+            print(output[-2000:])
+            return 1
+    process = subprocess.run(command(broken, args.steps), env=env, capture_output=True, text=True, timeout=1200)
+    if process.returncode != 0 or not (f"done: {args.steps} steps" in process.stdout or
+                                       "nothing to do" in process.stdout):
+        print(process.stdout[-3000:] + process.stderr[-3000:])
+        return 1
 
     from safetensors.torch import load_file
 
@@ -99,12 +130,45 @@ def main(argv=None) -> int:
     steps = [json.loads(line)["step"] for line in (broken / "log.jsonl").read_text().splitlines()
              if "eval" not in json.loads(line)]
     logged_once = steps == sorted(set(steps))
+    kinds = ", ".join(f"{sum(k['kind'] == kind for k in kills)} {kind}" for kind in ("error", "random", "final"))
     print(f"final weights: {'identical to the unbroken run' if identical else 'DIFFERENT from the unbroken run'}; "
           f"log.jsonl {'records each step once' if logged_once else 'repeats steps'}; {len(kills)} interruptions "
-          f"({sum(k['signal'] == 'SIGKILL' for k in kills)} SIGKILL, {sum(k['signal'] == 'SIGTERM' for k in kills)} SIGTERM)")
+          f"({kinds}; {sum(k['signal'] == 'SIGKILL' for k in kills)} SIGKILL, "
+          f"{sum(k['signal'] == 'SIGTERM' for k in kills)} SIGTERM)")
     print(json.dumps({"benchmark": "fault_soak", "kills": len(kills), "steps": args.steps, "identical": identical,
                       "logged_once": logged_once, "interruptions": kills}))
     return 0 if identical and logged_once else 1
+
+
+def _after(process, seconds: float) -> str:
+    """Wait `seconds` (or for the run's end)."""
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pass
+    return ""
+
+
+def _after_line(process, text: str, seconds: float) -> str:
+    """Read the run's output until a line holds `text` (or the output ends), then wait `seconds`.
+    Returns what was read."""
+    read = []
+    for line in process.stdout:
+        read.append(line)
+        if text in line:
+            break
+    time.sleep(seconds)
+    return "".join(read)
+
+
+def _in_final_phase(process, out: Path, step: int, seconds: float) -> str:
+    """Wait until the run writes its final outputs (its last step logged; or, for a re-run of a run
+    stopped after it, its "writing its final outputs"), then `seconds`. Returns what was read."""
+    if last_step(out) >= step:
+        return _after_line(process, "writing its final outputs", seconds)
+    while process.poll() is None and last_step(out) < step:
+        time.sleep(0.02)
+    return _after(process, seconds)
 
 
 if __name__ == "__main__":

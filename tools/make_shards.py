@@ -6,7 +6,8 @@
     python tools/make_shards.py labels.csv           shards/mine          # rows of path,label
     python tools/make_shards.py --digits shards/digits                    # the embedded digits set
 
-Output: OUTPUT-000000.tar, OUTPUT-000001.tar, ... (each sample: KEY.jpg|png|... as stored, KEY.cls)
+Output: OUTPUT-000000.tar, OUTPUT-000001.tar, ... (each sample: KEY.jpg|png|... as stored, KEY.cls;
+images of more than 8 bits per sample, such as 16-bit PNGs, become 8-bit PNGs scaled by their bit depth)
 and OUTPUT.json (shard list, per-shard counts, class names, total, skipped files). Point a recipe at
 either: data.train='OUTPUT-{000000..000009}.tar' or data.train=OUTPUT.json.
 """
@@ -17,13 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+from ssl_vit.arguments import parse_bool, positive_int  # noqa: E402  (after the path: a checkout without install)
 
 
 def main(argv=None) -> int:
@@ -31,13 +26,13 @@ def main(argv=None) -> int:
     parser.add_argument("input", nargs="?", help="an ImageFolder tree (class sub-folders) or a .csv/.tsv of path,label")
     parser.add_argument("output", help="output prefix, e.g. shards/in1k-train")
     parser.add_argument("--digits", action="store_true", help="write the embedded digits set (train and val splits)")
-    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--max-side", type=int, default=None,
+    parser.add_argument("--max-count", type=positive_int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--max-side", type=positive_int, default=None,
                         help="downscale (and re-encode) images whose longer side exceeds this; default: store as is")
     parser.add_argument("--shuffle", type=parse_bool, default=True,
                         help="shuffle the sample order across shards (default true; false keeps the input order)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                         help="processes reading and checking images (default: min(8, cores))")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards with this prefix")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

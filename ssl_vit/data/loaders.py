@@ -11,6 +11,7 @@ from .digits import digits_index
 from .sources import ShardSource, read_index, resolve
 from .stream import ShardStream, make_loader
 from .transforms import build_transform
+from .worker_start import end_workers
 
 
 def shard_source(cfg, split: str) -> ShardSource:
@@ -92,11 +93,16 @@ class EvalData:
 
 def checked(loader: DataLoader) -> Iterator[dict]:
     """The loader's batches; a worker's {"error": message} (a stream that cannot go on) becomes one
-    line on the trainer's side."""
-    for batch in loader:
-        if "error" in batch:
-            raise ConfigError(batch["error"])
-        yield batch
+    line on the trainer's side. However the iteration ends (its end, an error, a stop, `close()`), the
+    workers are ended with it (worker_start.end_workers says why that cannot be left to torch)."""
+    iterator = iter(loader)
+    try:
+        for batch in iterator:
+            if "error" in batch:
+                raise ConfigError(batch["error"])
+            yield batch
+    finally:
+        end_workers(iterator)
 
 
 def build_train_loader(cfg, *, batches_per_epoch: int, rank: int = 0, world_size: int = 1,

@@ -270,11 +270,10 @@ def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
     """Batches are made in the workers; the DataLoader only moves them (batch_size=None). It gets
     its own generator: drawing worker seeds from the global one at every epoch would shift the
     training RNG (MAE's masks) differently in a resumed run."""
-    from ..run_state import ignore_stop_signals
-    from .worker_start import worker_start_method
+    from .worker_start import start_worker, worker_start_method
 
     num_workers = min(num_workers, os.cpu_count() or 1)  # more workers than cores only adds contention
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers else None, persistent_workers=False,
-                      generator=torch.Generator(), worker_init_fn=ignore_stop_signals if num_workers else None,
+                      generator=torch.Generator(), worker_init_fn=start_worker if num_workers else None,
                       multiprocessing_context=worker_start_method() if num_workers else None)

@@ -24,6 +24,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from .bit_depth import to_rgb
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 TRAIN_TRANSFORMS = ("rrc", "randaug", "eval")
 
@@ -40,11 +42,11 @@ except ImportError:  # pragma: no cover - depends on the torchvision build
 
 
 def decode_pil(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    return to_rgb(Image.open(io.BytesIO(data)))
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
-    return TF.pil_to_tensor(image.convert("RGB"))
+    return TF.pil_to_tensor(to_rgb(image))
 
 
 def decode_uint8(data: bytes) -> torch.Tensor:
@@ -91,7 +93,7 @@ class RandomResizedCropFlip:
             if decode_jpeg is not None:
                 pixels = _torchvision_jpeg(data)
         if pixels is None:
-            pixels = TF.pil_to_tensor(image.convert("RGB"))
+            pixels = TF.pil_to_tensor(to_rgb(image))
         return self._flip(TF.resized_crop(pixels, top, left, height, width, self.size,
                                           interpolation=InterpolationMode.BICUBIC, antialias=True))
 

@@ -2,12 +2,15 @@
 
     ImageFolder tree | CSV/TSV of path,label | in-memory images
       -> list of (source, label), shuffled (seeded) so that every shard holds every class
-      -> parallel workers: read bytes, check they decode, downscale only if --max-side asks
+      -> parallel workers: read bytes, check they decode, downscale only if --max-side asks,
+         bring images of more than 8 bits per sample to 8 bits
       -> tar shards PREFIX-000000.tar ... ({key}.jpg|png|..., {key}.cls), each written to a
          temporary name and renamed when complete
       -> PREFIX.json: shard names, per-shard counts, class names, total, skipped files
 
-Images are stored as they are (no re-encoding), so writing is I/O-bound and lossless.
+Images are stored as they are (no re-encoding), so writing is I/O-bound and lossless; the exceptions
+are a downscale (--max-side) and images of more than 8 bits per sample (16-bit grey PNG/TIFF/PGM,
+32-bit integer or float TIFF), stored as 8-bit PNG scaled by their bit depth (see `to_8bit`).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from PIL import Image
+
+from .bit_depth import more_than_8_bits, to_8bit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 INDEX_FORMAT = "ssl_vit-shards"
@@ -71,8 +76,13 @@ def items_from_csv(path: Union[str, Path]) -> tuple[list[Item], list[str]]:
     """Rows of `path,label` (comma or tab separated, optional header). Labels are integers or
     class names (sorted names -> ids); relative paths are relative to the file's folder."""
     path = Path(path)
-    text = path.read_text()
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.splitlines()[0] else ","
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ShardWriteError(f"{path} is not a UTF-8 text file (byte {e.start}: {e.reason}): give a .csv/.tsv of "
+                              "path,label rows, or a folder of class sub-folders") from None
+    first_line = next(iter(text.splitlines()), "")  # an empty file has none: no rows, "no images found"
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in first_line else ","
     rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if r and any(c.strip() for c in r)]
     if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
         rows = rows[1:]
@@ -113,22 +123,37 @@ def prepare(item: Item, max_side: Optional[int]) -> tuple[str, bytes, Optional[s
             extension = EXTENSION_OF_FORMAT.get(image.format)
             if extension is None:
                 return "", b"", f"unsupported image format {image.format}"
-            if max_side and max(image.size) > max_side:
-                return _downscale(image, max_side, extension)
-            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))  # cheap full check
+            size = _downscaled_size(image.size, max_side)
+            if size and extension == "jpg":
+                image.draft("RGB", size)  # DCT-domain reduction first; never below the target size
+            elif not size:
+                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))  # cheap full check
             image.load()  # decodes: catches truncated and corrupt files
+            if size or more_than_8_bits(image.mode):
+                return _reencode(image, extension, size)
         return extension, data, None
     except Exception as e:  # any unreadable file is skipped and reported, never fatal
         return "", b"", f"{type(e).__name__}: {e}"
 
 
-def _downscale(image: Image.Image, max_side: int, extension: str) -> tuple[str, bytes, None]:
-    scale = max_side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    if extension == "jpg":
-        image.draft("RGB", size)  # DCT-domain reduction first; never below the target size
+def _downscaled_size(size: tuple[int, int], max_side: Optional[int]) -> Optional[tuple[int, int]]:
+    """The size --max-side asks for, or None when the image is small enough already."""
+    if not max_side or max(size) <= max_side:
+        return None
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _reencode(image: Image.Image, extension: str, size: Optional[tuple[int, int]]) -> tuple[str, bytes, None]:
+    """The image at 8 bits per sample, resized to `size` if given: a JPEG stays JPEG, anything else
+    becomes PNG (lossless, and every loader reads it)."""
+    try:
+        image = to_8bit(image)
+    except ValueError as error:  # loud: clipping or guessing another range would store a wrong image
+        raise ShardWriteError(str(error)) from None
     image = image.convert("RGB" if image.mode not in ("L", "RGB", "RGBA") else image.mode)
-    image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    if size:
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
     if extension == "jpg" and image.mode != "RGBA":
         image.save(out, "JPEG", quality=95)
@@ -160,6 +185,7 @@ def write_shards(items: Sequence[Item], classes: Sequence[str], prefix: Union[st
                  source: str = "") -> dict:
     """Write `items` into PREFIX-000000.tar, ... and PREFIX.json; returns the index."""
     prefix = Path(prefix)
+    _check_output(prefix)
     if not items:
         raise ShardWriteError(f"no images found in {source or 'the input'}: nothing to write "
                               f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -169,9 +195,13 @@ def write_shards(items: Sequence[Item], classes: Sequence[str], prefix: Union[st
     if old and not overwrite:
         raise ShardWriteError(f"{prefix}: {len(old)} output file(s) exist already (e.g. {old[0]}); "
                               "pass --overwrite to replace them, or choose another output prefix")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    for path in old:
-        path.unlink()
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for path in old:
+            path.unlink()
+        writer = _ShardFile(prefix, 0)  # here, so that an output that cannot be written stops before any reading
+    except OSError as e:
+        raise _cannot_write(e, prefix) from e
 
     order = list(range(len(items)))
     if shuffle:  # spread classes over all shards, so that a few shards already see every class
@@ -180,7 +210,6 @@ def write_shards(items: Sequence[Item], classes: Sequence[str], prefix: Union[st
     chunks = [([items[i] for i in order[s:s + chunk]], max_side) for s in range(0, len(order), chunk)]
 
     shards, counts, skipped = [], [], []
-    writer = _ShardFile(prefix, 0)
     written = 0
     bar = _progress(len(items), progress, f"writing {prefix.name}")
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
@@ -203,6 +232,9 @@ def write_shards(items: Sequence[Item], classes: Sequence[str], prefix: Union[st
             shards.append(writer.close())
         else:
             writer.discard()
+    except OSError as e:  # from writing: the workers report unreadable images as skipped, never raise
+        writer.discard()
+        raise _cannot_write(e, prefix) from e
     except BaseException:
         writer.discard()
         raise
@@ -222,9 +254,32 @@ def write_shards(items: Sequence[Item], classes: Sequence[str], prefix: Union[st
     }
     index_path = prefix.with_name(prefix.name + ".json")
     tmp = index_path.with_name(index_path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, index_path)  # the index appears last: its presence means the shards are complete
+    try:
+        tmp.write_text(json.dumps(index, indent=1) + "\n")
+        os.replace(tmp, index_path)  # the index appears last: its presence means the shards are complete
+    except OSError as e:
+        raise _cannot_write(e, prefix) from e
     return index
+
+
+def _check_output(prefix: Path) -> None:
+    """Refuse, before any image is read, an output prefix that names no file or whose folder cannot exist."""
+    if prefix.name in ("", ".", ".."):
+        raise ShardWriteError(f"output prefix {str(prefix)!r} names no file: give a folder and a name, "
+                              "e.g. shards/train (writes shards/train-000000.tar ... and shards/train.json)")
+    if prefix.is_dir():
+        # the shards would land beside the folder as FOLDER-000000.tar, not in it
+        raise ShardWriteError(f"output prefix {prefix} is a folder; the output names files, so give a name in it, "
+                              f"e.g. {prefix / 'train'} (writes {prefix / 'train'}-000000.tar ...)")
+    blocker = next((p for p in (prefix.parent, *prefix.parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ShardWriteError(f"cannot make the output folder {prefix.parent}: {blocker} is a file, not a folder; "
+                              "choose an output prefix in a folder (missing folders are created)")
+
+
+def _cannot_write(error: OSError, prefix: Path) -> ShardWriteError:
+    return ShardWriteError(f"cannot write {error.filename or prefix}: {error.strerror or error}; choose an output "
+                           "prefix in a folder you can write to, on a disk with space")
 
 
 class _ShardFile:
@@ -249,7 +304,10 @@ class _ShardFile:
         return self.path.name
 
     def discard(self) -> None:
-        self.tar.close()
+        try:
+            self.tar.close()
+        except OSError:  # the write that failed (a full disk) fails again here; its error is being raised
+            pass
         self.tmp.unlink(missing_ok=True)
 
 

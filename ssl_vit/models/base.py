@@ -148,6 +148,20 @@ def named_size_kwargs(arch: str, archs: Mapping[str, Mapping[str, Any]], options
     return {**archs[arch], **{k: v for k, v in options.items() if v is not None}}
 
 
+def check_positive(cfg, *keys: str) -> None:
+    """Sizes and counts of an encoder (`model.<key>`, a number or a list of them; None: the named
+    size's own) must be positive: a patch size of 0 divides by zero, a depth of 0 builds no encoder."""
+    from omegaconf import OmegaConf
+
+    for key in keys:
+        value = OmegaConf.select(cfg, f"model.{key}")
+        values = list(value) if OmegaConf.is_list(value) else [value]
+        if value is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                         for v in values):
+            shown = list(value) if OmegaConf.is_list(value) else value
+            raise ConfigError(f"model.{key}={shown} must be positive (or left out for model.arch's own)")
+
+
 def drop_other_heads(encoder: nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
     """Classifier heads of another size are dropped, as timm and MAE do (the module keeps its new
     head); any other tensor whose shape differs from the module's is an error."""

@@ -36,8 +36,8 @@ from timm.models._manipulate import checkpoint
 from timm.models.beit import Beit
 
 from ..config import ConfigError, ModelConfig, check_choice
-from .base import (CheckpointError, EncoderFamily, LoadReport, drop_other_heads, named_size_kwargs, register_family,
-                   shape_text)
+from .base import (CheckpointError, EncoderFamily, LoadReport, check_positive, drop_other_heads, named_size_kwargs,
+                   register_family, shape_text)
 from .mask_token import new_mask_token, replace_masked_patches
 from .vit_options import check_divisible, pair
 
@@ -246,6 +246,7 @@ class BEiTFamily(EncoderFamily):
 
     @classmethod
     def validate(cls, cfg) -> None:
+        check_positive(cfg, "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
         check_choice(cfg, "model.global_pool", ("avg", "token"))
         m = {**ARCHS[cfg.model.arch], **{k: v for k, v in cfg.model.items() if v is not None and k != "arch"}}
         try:

@@ -38,7 +38,7 @@ from einops import rearrange
 from timm.models.swin_transformer import SwinTransformer
 
 from ..config import ConfigError, ModelConfig
-from .base import EncoderFamily, LoadReport, named_size_kwargs, register_family
+from .base import EncoderFamily, LoadReport, check_positive, named_size_kwargs, register_family
 from .mask_token import new_mask_token, replace_masked_patches
 from .vit_options import pair
 
@@ -256,6 +256,7 @@ class SwinFamily(EncoderFamily):
 
     @classmethod
     def validate(cls, cfg) -> None:
+        check_positive(cfg, "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio")
         m = {**ARCHS[cfg.model.arch], **{k: v for k, v in cfg.model.items() if v is not None and k != "arch"}}
         try:
             depths = _ints(_plain(m["depths"]), "depths", key="model.")

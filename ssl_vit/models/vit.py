@@ -29,7 +29,7 @@ from timm.models import checkpoint_seq, named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from ..config import ConfigError, ModelConfig, check_choice
-from .base import EncoderFamily, LoadReport, named_size_kwargs, register_family
+from .base import EncoderFamily, LoadReport, check_positive, named_size_kwargs, register_family
 from .mask_token import new_mask_token, replace_masked_patches
 from .vit_options import POS_EMBEDS, check_divisible, check_options, hybrid_backbone, pair
 from .vit_positions import learned_2d_table, sincos_2d_pos_embed
@@ -336,6 +336,7 @@ class ViT(EncoderFamily):
 
     @classmethod
     def validate(cls, cfg) -> None:
+        check_positive(cfg, "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "backbone_stride")
         for key, options in (("model.global_pool", ("token", "avg")), ("model.pos_embed", POS_EMBEDS),
                              ("model.patch_embed", ("conv", "hybrid"))):
             check_choice(cfg, key, options)

@@ -45,9 +45,17 @@ class MAEConfig(TaskConfig):
     norm_pix_loss: bool = True            # table 1c: per-patch normalised pixels as targets
 
 
-def check_mask_ratio(value: float, key: str = "task.mask_ratio") -> float:
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"{key}={value} must be in [0, 1): the fraction of patches removed")
+def check_mask_ratio(value: float, key: str = "task.mask_ratio", patches: int = 0) -> float:
+    """The fraction of patches masked: in (0, 1), and with `patches` (the grid's count) at least one
+    patch masked and one kept. With none masked, the loss (a mean over the masked patches) is 0 / 0:
+    every step would be skipped as non-finite, the run would train nothing."""
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{key}={value} must be in (0, 1): the fraction of patches masked, whose reconstruction "
+                          "is the loss (MAE: 0.75, SimMIM: 0.6)")
+    keep = int(patches * (1 - value))
+    if patches and not 0 < keep < patches:
+        raise ConfigError(f"{key}={value} of the encoder's {patches} patches {'keeps none' if keep == 0 else 'masks none'}"
+                          f": give a value between {1 / patches:.3g} and {1 - 1 / patches:.3g}")
     return value
 
 
@@ -71,7 +79,9 @@ class MAE(Task):
     @classmethod
     def validate(cls, cfg) -> None:
         super().validate(cfg)
-        check_mask_ratio(cfg.task.mask_ratio)
+        with torch.device("meta"):  # the encoder's grid, without memory or time
+            encoder = build_encoder(cfg.model, num_classes=0)
+        check_mask_ratio(cfg.task.mask_ratio, patches=encoder.grid_size[0] * encoder.grid_size[1])
         if cfg.task.decoder_dim % cfg.task.decoder_heads:
             raise ConfigError(f"task.decoder_dim={cfg.task.decoder_dim} is not divisible by "
                               f"task.decoder_heads={cfg.task.decoder_heads}")

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.base import compact
 from . import Tokenizer
 
 LOGIT_LAPLACE_EPS = 0.1                   # dall_e/utils.py `logit_laplace_eps`
@@ -116,10 +117,8 @@ class DallETokenizer(Tokenizer):
                 "logit_laplace_eps": LOGIT_LAPLACE_EPS}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], description: dict[str, Any]) -> "DallETokenizer":
-        encoder = DallEEncoder(**description["encoder"])
-        encoder.load_state_dict(state, strict=True)
-        return cls(encoder)
+    def from_description(cls, description: dict[str, Any]) -> "DallETokenizer":
+        return cls(DallEEncoder(**description["encoder"]))
 
 
 # -------------------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ class DallETokenizer(Tokenizer):
 def convert_dall_e(source: Union[str, Path], target: Union[str, Path]) -> DallETokenizer:
     """Read DALL-E's encoder.pkl without running anything from it (dall_e_pickle.py), check that its
     weights are the encoder's, and write them as a tokenizer file. Returns the tokenizer."""
-    from . import save_tokenizer
+    from . import non_finite, save_tokenizer, state_mismatch
     from .dall_e_pickle import read_module_pickle
 
     module = read_module_pickle(source)
@@ -140,18 +139,20 @@ def convert_dall_e(source: Union[str, Path], target: Union[str, Path]) -> DallET
     attributes = module.attributes
     first = state.get("blocks.input.w")
     last = state.get("blocks.output.conv.w")
-    if first is None or last is None:
-        raise ValueError(f"{source}: no blocks.input / blocks.output weights in the pickled encoder")
+    if first is None or last is None or first.dim() != 4 or last.dim() != 4:
+        raise ValueError(f"{source}: no blocks.input / blocks.output convolution weights in the pickled encoder")
     found = dict(n_hid=int(first.shape[0]), input_channels=int(first.shape[1]), vocab_size=int(last.shape[0]),
                  n_blk_per_group=len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")}))
     for key, value in found.items():  # the pickled attributes, where present, must agree with the tensors
         if key in attributes and int(attributes[key]) != value:
             raise ValueError(f"{source}: the encoder says {key}={attributes[key]} but its weights have {value}")
     encoder = DallEEncoder(**found)
-    expected = set(encoder.state_dict())
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"{source}: not the DALL-E encoder's weights (missing {missing[:4]}, unexpected {extra[:4]})")
+    mismatch = state_mismatch(state, encoder.state_dict(), "DALL-E's encoder")
+    if mismatch:
+        raise ValueError(f"{source}: not the DALL-E encoder's weights ({mismatch})")
+    bad = non_finite(state)
+    if bad:  # a tokenizer that gives meaningless codes is refused here too, not only when a run loads it
+        raise ValueError(f"{source}: non-finite weights (NaN or inf) in {compact(bad)}")
     encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     tokenizer = DallETokenizer(encoder).freeze()
     save_tokenizer(tokenizer, target, extra={"source": Path(source).name, "converted_by": "tools/convert_tokenizer.py"})

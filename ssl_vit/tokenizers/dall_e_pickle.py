@@ -18,10 +18,17 @@ answers only the names such a file needs, each with something inert of our own:
 and refuses every other name (`RefusedPickle`, naming it) before anything is called. The tensors'
 bytes are read from the file as data: from the archive's `data/<key>` entries (torch >= 1.6's zip
 format) or from after the pickle (torch's legacy format: numel as int64, then the bytes).
+
+A few bytes of pickle can describe a tensor of any size (a stride of 0 repeats one number 2^40 times),
+so nothing is read or copied before the numbers are checked against what the file holds: every tensor
+must lie inside its storage, each of its numbers a distinct element (no zero strides, no overlapping
+dimensions); each storage's declared size must be the bytes the file has for it; and neither the
+storages nor the tensors copied out of them may take more bytes than the whole file.
 """
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -67,22 +74,26 @@ class RecordedModule:
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Its parameters and persistent buffers and those of its submodules, named as torch names them."""
+        return {name: ref.materialize() for name, ref in self.tensor_refs(prefix).items()}
+
+    def tensor_refs(self, prefix: str = "") -> dict[str, "TensorRef"]:
+        """Where those tensors' numbers are (nothing read or copied yet)."""
         state = getattr(self, "state", {})
         skip = state.get("_non_persistent_buffers_set") or set()
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, TensorRef] = {}
         for group in ("_parameters", "_buffers"):
             for name, value in _mapping(state.get(group, {}), f"{prefix}{group}").items():
                 if value is None or (group == "_buffers" and name in skip):
                     continue
                 if not isinstance(value, TensorRef):
                     raise RefusedPickle(f"{prefix}{name}: expected a tensor, got {type(value).__name__}")
-                tensors[prefix + name] = value.materialize()
+                tensors[prefix + name] = value
         for name, child in _mapping(state.get("_modules", {}), f"{prefix}_modules").items():
             if child is None:
                 continue
             if not isinstance(child, RecordedModule):
                 raise RefusedPickle(f"{prefix}{name}: expected a module, got {type(child).__name__}")
-            tensors.update(child.state_dict(f"{prefix}{name}."))
+            tensors.update(child.tensor_refs(f"{prefix}{name}."))
         return tensors
 
 
@@ -107,17 +118,25 @@ class StorageType:
     dtype: torch.dtype
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
 @dataclass
 class StorageRef:
     dtype: torch.dtype
     key: str
-    numel: int
+    numel: int                            # as the pickle declares it: checked against the file before reading
     data: Optional[torch.Tensor] = None   # [numel] of dtype, once read
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
     def fill(self, raw: bytes) -> None:
-        size = torch.empty(0, dtype=self.dtype).element_size()
-        if len(raw) != self.numel * size:
-            raise RefusedPickle(f"storage {self.key}: {len(raw)} bytes, expected {self.numel} x {size} (truncated file?)")
+        if len(raw) != self.nbytes:
+            raise RefusedPickle(f"storage {self.key}: {len(raw)} bytes, expected {self.numel} x "
+                                f"{_itemsize(self.dtype)} (truncated file?)")
         self.data = torch.frombuffer(bytearray(raw), dtype=self.dtype) if raw else torch.empty(0, dtype=self.dtype)
 
 
@@ -128,12 +147,30 @@ class TensorRef:
     size: tuple
     stride: tuple
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.size) * _itemsize(self.storage.dtype)
+
+    def check_layout(self, name: str) -> None:
+        """Refuse a layout that would read numbers the storage does not hold, or the same number twice:
+        only then is a copy of the tensor no larger than its storage, whatever the pickle says."""
+        where = f"{name}: size {self.size}, stride {self.stride}, offset {self.offset} in storage {self.storage.key}"
+        dims = sorted((s, n) for n, s in zip(self.size, self.stride) if n > 1)   # innermost first
+        if dims and dims[0][0] == 0:
+            raise RefusedPickle(f"{where}: a stride 0 repeats one number along a dimension (a few bytes of pickle "
+                                f"asking for {self.nbytes} bytes once copied)")
+        extent = 1                    # elements spanned by the dims so far: the next must step past them
+        for stride, n in dims:
+            if stride < extent:
+                raise RefusedPickle(f"{where}: its dimensions overlap (they read the same numbers again)")
+            extent += (n - 1) * stride
+        end = self.offset + (extent if math.prod(self.size) else 0)
+        if end > self.storage.numel:
+            raise RefusedPickle(f"{where}: reaches element {end}, beyond its storage of {self.storage.numel}")
+
     def materialize(self) -> torch.Tensor:
         if self.storage.data is None:
             raise RefusedPickle(f"storage {self.storage.key} is referenced but not in the file")
-        end = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1 if all(self.size) else 0
-        if self.offset < 0 or end > self.storage.numel:
-            raise RefusedPickle(f"a tensor of size {self.size} reaches beyond its storage {self.storage.key}")
         return self.storage.data.as_strided(self.size, self.stride, self.offset).clone()
 
 
@@ -151,7 +188,7 @@ def _no_hooks(hooks: Any) -> None:
 def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
                    backward_hooks: Any = None, metadata: Any = None) -> TensorRef:
     """Stands in for torch._utils._rebuild_tensor_v2: records where the tensor's numbers are."""
-    if not isinstance(storage, StorageRef) or not isinstance(storage_offset, int):
+    if not isinstance(storage, StorageRef) or not isinstance(storage_offset, int) or storage_offset < 0:
         raise RefusedPickle("_rebuild_tensor_v2 called with something other than a storage and an offset")
     _no_hooks(backward_hooks)
     if metadata:
@@ -232,47 +269,65 @@ def read_module_pickle(path: Union[str, Path]) -> RecordedModule:
     with path.open("rb") as f:
         head = f.read(4)
     if head == b"PK\x03\x04":
-        root = _read_zip(path)
-    elif head[:1] == b"\x80":
-        root = _read_legacy(path)
-    else:
-        raise RefusedPickle(f"{path} is neither a PyTorch zip archive nor a pickle")
-    if not isinstance(root, RecordedModule):
-        raise RefusedPickle(f"{path} holds a {type(root).__name__}, not a pickled module")
-    return root
+        return _read_zip(path)
+    if head[:1] == b"\x80":
+        return _read_legacy(path)
+    raise RefusedPickle(f"{path} is neither a PyTorch zip archive nor a pickle")
 
 
-def _read_zip(path: Path) -> Any:
-    with zipfile.ZipFile(path) as archive:
+def _read_zip(path: Path) -> RecordedModule:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise RefusedPickle(f"{path} is not a readable zip archive ({e})") from None
+    with archive:
         names = archive.namelist()
         pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise RefusedPickle(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
         prefix = pickles[0][:-len("data.pkl")]
-        if prefix + "byteorder" in names and archive.read(prefix + "byteorder").strip() != b"little":
+        if prefix + "byteorder" in names and _entry(archive, prefix + "byteorder", path).strip() != b"little":
             raise RefusedPickle(f"{path} was written on a big-endian machine")
-        unpickler = RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])))
-        root = unpickler.load()
+        unpickler = RestrictedUnpickler(io.BytesIO(_entry(archive, pickles[0], path)))
+        root = _checked(_load(unpickler, path), unpickler.storages, path)
         for key, ref in unpickler.storages.items():
             entry = f"{prefix}data/{key}"
             if entry not in names:
                 raise RefusedPickle(f"{path}: storage {key} is missing from the archive")
-            ref.fill(archive.read(entry))
+            ref.fill(_entry(archive, entry, path, ref))
     return root
 
 
-def _read_legacy(path: Path) -> Any:
+def _entry(archive: zipfile.ZipFile, name: str, path: Path, ref: Optional[StorageRef] = None) -> bytes:
+    """An archive entry's bytes, once its header says they are no more than the file holds (torch
+    writes every entry uncompressed; a compressed one could inflate to any size)."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+        raise RefusedPickle(f"{path}: {name} is compressed (torch.save stores every entry as it is)")
+    if ref is not None and info.file_size != ref.nbytes:
+        raise RefusedPickle(f"{path}: storage {ref.key} declares {ref.numel} numbers ({ref.nbytes} bytes), the "
+                            f"archive holds {info.file_size} bytes for it")
+    if info.file_size > path.stat().st_size:
+        raise RefusedPickle(f"{path}: {name} says it holds {info.file_size} bytes, more than the whole file")
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise RefusedPickle(f"{path}: {name} cannot be read ({e}); a truncated file?") from None
+
+
+def _read_legacy(path: Path) -> RecordedModule:
+    size = path.stat().st_size
     with path.open("rb") as f:
-        if RestrictedUnpickler(f).load() != LEGACY_MAGIC:
+        if _load(RestrictedUnpickler(f), path) != LEGACY_MAGIC:
             raise RefusedPickle(f"{path} is a pickle but not a torch.save file")
-        if RestrictedUnpickler(f).load() != LEGACY_VERSION:
+        if _load(RestrictedUnpickler(f), path) != LEGACY_VERSION:
             raise RefusedPickle(f"{path}: unknown torch.save protocol version")
-        info = RestrictedUnpickler(f).load()
+        info = _load(RestrictedUnpickler(f), path)
         if not isinstance(info, dict) or not info.get("little_endian", False):
             raise RefusedPickle(f"{path} was written on a big-endian machine")
         unpickler = RestrictedUnpickler(f)
-        root = unpickler.load()
-        keys = RestrictedUnpickler(f).load()
+        root = _checked(_load(unpickler, path), unpickler.storages, path)
+        keys = _load(RestrictedUnpickler(f), path)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise RefusedPickle(f"{path}: unexpected list of storages")
         for key in keys:
@@ -282,5 +337,40 @@ def _read_legacy(path: Path) -> Any:
             numel = int.from_bytes(f.read(8), "little")
             if numel != ref.numel:
                 raise RefusedPickle(f"{path}: storage {key} holds {numel} numbers, the pickle says {ref.numel}")
-            ref.fill(f.read(numel * torch.empty(0, dtype=ref.dtype).element_size()))
+            if ref.nbytes > size - f.tell():
+                raise RefusedPickle(f"{path}: storage {key} declares {ref.numel} numbers ({ref.nbytes} bytes), the "
+                                    f"file has {size - f.tell()} bytes left; a truncated file?")
+            ref.fill(f.read(ref.nbytes))
+    return root
+
+
+def _load(unpickler: RestrictedUnpickler, path: Path) -> Any:
+    """unpickler.load(), whose failures on a damaged or hostile file (truncated data, a stand-in called
+    with the wrong arguments) are refusals too: nothing of the file has run."""
+    try:
+        return unpickler.load()
+    except RefusedPickle:
+        raise
+    except Exception as e:
+        raise RefusedPickle(f"{path}: not a readable torch.save pickle ({type(e).__name__}: {e})") from None
+
+
+def _checked(root: Any, storages: dict[str, StorageRef], path: Path) -> RecordedModule:
+    """The unpickled module, once every tensor's layout and the bytes they all ask for are checked
+    against the file's size: before any storage is read or any tensor copied."""
+    if not isinstance(root, RecordedModule):
+        raise RefusedPickle(f"{path} holds a {type(root).__name__}, not a pickled module")
+    size = path.stat().st_size
+    declared = sum(ref.nbytes for ref in storages.values())
+    if declared > size:
+        big = max(storages.values(), key=lambda ref: ref.nbytes)
+        raise RefusedPickle(f"{path}: its storages declare {declared} bytes, more than the {size} of the file "
+                            f"(storage {big.key} declares {big.numel} numbers)")
+    tensors = root.tensor_refs()
+    for name, ref in tensors.items():
+        ref.check_layout(name)
+    wanted = sum(ref.nbytes for ref in tensors.values())
+    if wanted > size:  # in-bounds tensors may still all read one storage, each copy as large as it
+        raise RefusedPickle(f"{path}: its tensors would take {wanted} bytes, more than the {size} of the file "
+                            "(they read the same storages again)")
     return root

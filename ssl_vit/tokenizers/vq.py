@@ -198,10 +198,8 @@ class VQTokenizer(Tokenizer):
         return {**super().description(), "encoder": encoder, "mean": self.mean_values, "std": self.std_values}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], description: dict[str, Any]) -> "VQTokenizer":
-        encoder = DVAEEncoder(**description["encoder"])
-        encoder.load_state_dict(state, strict=True)
-        return cls(encoder, description["mean"], description["std"])
+    def from_description(cls, description: dict[str, Any]) -> "VQTokenizer":
+        return cls(DVAEEncoder(**description["encoder"]), description["mean"], description["std"])
 
     @classmethod
     def random(cls, config: dict[str, Any], seed: int) -> "VQTokenizer":
