@@ -17,9 +17,9 @@ _PUBLIC = {
     "register_family": "ssl_vit.models",
     "register_task": "ssl_vit.tasks",
     "Task": "ssl_vit.tasks",
-    "load_weights": "ssl_vit.checkpoint",
-    "export_backbone": "ssl_vit.checkpoint",
-    "export_model": "ssl_vit.checkpoint",
+    "load_weights": "ssl_vit.weights",
+    "export_backbone": "ssl_vit.weights",
+    "export_model": "ssl_vit.weights",
 }
 __all__ = list(_PUBLIC)
 

@@ -1,4 +1,6 @@
-"""The recipe schema (typed dataclasses) and its validation; loading is in recipe_loading.py.
+"""The bottom layer: the recipe schema (typed dataclasses), the errors, and the rules of the general
+sections. It imports nothing of ssl_vit's: loading, the sections tasks and encoder families own and
+their rules are in ssl_vit/recipes/, above the registries.
 
     recipe=NAME | recipe=path.yaml  ->  recipes/NAME.yaml (+ its `base:` chain, oldest first)
                                     ->  merged onto the schema's defaults; `task:` and `model:`
@@ -14,19 +16,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 MAKE_SHARDS_HINT = ("make shards with `python tools/make_shards.py /path/to/images shards/NAME` and pass "
                     "e.g. data.train='shards/NAME-{000000..000099}.tar' or data.train=shards/NAME.json")
 
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message says what to do instead."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
 
 
 # -------------------------------------------------------------------------------------------
@@ -170,8 +174,9 @@ def check_choice(cfg: DictConfig, key: str, options: Sequence[str]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of: {', '.join(options)}{hint}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """The rules of the general sections, then the encoder family's and the task's own rules."""
+def check_general(cfg: DictConfig) -> None:
+    """The rules of the general sections (the encoder family's and the task's own are theirs:
+    recipes/validation.py calls all three)."""
     for key, options in CHOICES.items():
         check_choice(cfg, key, options)
     img_size = cfg.model.img_size
@@ -182,7 +187,7 @@ def validate(cfg: DictConfig) -> None:
     else:
         sizes = None
     if sizes is None or not all(isinstance(s, int) and s > 0 for s in sizes):
-        raise ConfigError(f"model.img_size={_show(img_size)}: give a positive int or [height,width], e.g. model.img_size=224")
+        raise ConfigError(f"model.img_size={show(img_size)}: give a positive int or [height,width], e.g. model.img_size=224")
     for key in ("data.batch_size", "optim.batch_size", "optim.lr_base_batch", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.max_nonfinite_steps", "log.every", "log.images_every"):
         if OmegaConf.select(cfg, key) <= 0:
@@ -216,7 +221,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr={cfg.optim.lr} and optim.blr={cfg.optim.blr} are both set: keep one "
                           "(pass optim.blr=null to use an absolute lr)")
     if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas={_show(cfg.optim.betas)} must hold two values, e.g. optim.betas=[0.9,0.95]")
+        raise ConfigError(f"optim.betas={show(cfg.optim.betas)} must hold two values, e.g. optim.betas=[0.9,0.95]")
     if cfg.optim.schedule == "step" and (not cfg.optim.lr_milestones or not 0 < cfg.optim.lr_gamma < 1):
         raise ConfigError(f"optim.schedule=step needs optim.lr_milestones (epochs, e.g. [700]) and 0 < optim.lr_gamma "
                           f"< 1 (given {list(cfg.optim.lr_milestones)}, {cfg.optim.lr_gamma})")
@@ -230,9 +235,9 @@ def validate(cfg: DictConfig) -> None:
         spec = cfg.data[split]
         if spec is not None and not isinstance(spec, str) and not (
                 OmegaConf.is_list(spec) and all(isinstance(s, str) for s in spec)):
-            raise ConfigError(f"data.{split}={_show(spec)}: give a shard pattern, a list of shards or an index .json")
+            raise ConfigError(f"data.{split}={show(spec)}: give a shard pattern, a list of shards or an index .json")
         if spec and cfg.data.name == "digits":  # the embedded set would be used and the shards ignored
-            shown = spec if isinstance(spec, str) else _show(spec)
+            shown = spec if isinstance(spec, str) else show(spec)
             raise ConfigError(f"data.{split}={shown} is given but data.name=digits reads the embedded digits "
                               "set and would ignore it: add data.name=shards to use your shards")
     if cfg.like and cfg.init != "random":
@@ -277,43 +282,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.mean={list(cfg.data.mean)} and data.std={list(cfg.data.std)}: the means must be finite "
                           "and every std positive (the images are divided by it); ImageNet's are "
                           "data.std=[0.229,0.224,0.225]")
-    from .models import family_for_arch
-    from .tasks import task_class
-
-    family_for_arch(cfg.model.arch).validate(cfg)
-    task_class(cfg.task.name).validate(cfg)
 
 
-def check_data(cfg: DictConfig, splits: Optional[Sequence[str]] = None) -> None:
-    """The checks a run needs and `print_config` does not, before anything is built: the data the
-    recipe must be given (by default the splits the recipe's task needs), found where it says."""
-    if splits is None:
-        from .tasks import task_class
-
-        splits = task_class(cfg.task.name).required_splits(cfg)
-    if cfg.data.name != "shards":
-        return
-    from .data import shard_source
-
-    for split in splits:
-        if not cfg.data[split]:
-            raise ConfigError(f"data.{split} is required by recipe {cfg.recipe!r} (data.name=shards): "
-                              + MAKE_SHARDS_HINT
-                              + " -- or try the embedded digits data with data.name=digits")
-        shard_source(cfg, split)  # the shards exist (a folder of images says how to make them)
-
-
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
+    """A value as the user wrote it (a list, not an OmegaConf node), for messages."""
     return str(OmegaConf.to_container(value)) if OmegaConf.is_config(value) else repr(value)
 
 
-# loading lives in recipe_loading.py; `config.load(...)` is how the rest of ssl_vit calls it
-_LOADING = ("load", "available_recipes", "command_line_keys", "to_yaml", "help_text")
-
-
-def __getattr__(name: str):
-    if name in _LOADING:
-        from . import recipe_loading
-
-        return getattr(recipe_loading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

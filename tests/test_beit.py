@@ -15,11 +15,12 @@ from timm.models.beit import Beit
 
 from conftest import ROOT, TINY_VIT
 from conftest import run_command as run
-from ssl_vit import config, create_encoder, export_model, load_weights
+from ssl_vit import recipes, create_encoder, export_model, load_weights
 from ssl_vit.config import ConfigError
 from ssl_vit.tasks import BEiT, TwoViewCrop, build
 from ssl_vit.tasks.beit import BEIT_FORMAT
-from ssl_vit.tokenizers.vq import DVAEEncoder, VQTokenizer
+from ssl_vit.models.dvae import DVAEEncoder
+from ssl_vit.tokenizers.vq import VQTokenizer
 
 IMG, PATCH, DIM, DEPTH, HEADS, VOCAB = 32, 8, 32, 2, 2, 16
 GRID = IMG // PATCH
@@ -176,14 +177,14 @@ def test_our_model_file_is_unilms_layout_and_official_files_fine_tune(unilm_file
 
     keys = set(load_file(tmp_path / "model.safetensors"))
     assert {"mask_token", "lm_head.weight", "lm_head.bias", "cls_token", "blocks.0.attn.q_bias"} <= keys
-    assert not any(k.startswith(("encoder.", "tokenizer")) for k in keys) and BEiT.claims_checkpoint(load_file(
+    assert not any(k.startswith(("encoder.", "tokenizer")) for k in keys) and BEiT.checkpoint_format(load_file(
         tmp_path / "model.safetensors"))
     again = tiny_beit()
     load_weights(again, tmp_path / "model.safetensors", strict=True, verbose=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     # the official file into a finetune_digits classifier: a table per block (copied from the shared one),
     # mean pooling with a fresh fc_norm; lm_head and mask_token dropped with notes
-    cfg = config.load(["recipe=finetune_digits", "model.arch=beit_base_patch16", f"model.patch_size={PATCH}",
+    cfg = recipes.load(["recipe=finetune_digits", "model.arch=beit_base_patch16", f"model.patch_size={PATCH}",
                        f"model.embed_dim={DIM}", f"model.depth={DEPTH}", f"model.num_heads={HEADS}"])
     classifier = build(cfg, num_classes=10).eval()
     report = load_weights(classifier, path, verbose=False)
@@ -208,7 +209,7 @@ def test_our_model_file_is_unilms_layout_and_official_files_fine_tune(unilm_file
 
 
 def test_the_paper_recipe_is_beit_b_with_the_papers_settings():
-    cfg = config.load(["recipe=beit_base"])
+    cfg = recipes.load(["recipe=beit_base"])
     assert cfg.model.arch == "beit_base_patch16" and cfg.model.use_shared_rel_pos_bias and not cfg.model.use_rel_pos_bias
     assert (cfg.model.layer_scale_init, cfg.model.drop_path_rate, cfg.model.global_pool) == (0.1, 0.1, "token")
     assert (cfg.task.num_mask_patches, cfg.task.min_mask_patches_per_block, cfg.task.color_jitter) == (75, 16, 0.4)
@@ -233,11 +234,11 @@ TINY_BEIT = [*TINY_VIT[:4], "task.num_mask_patches=6", "task.min_mask_patches_pe
 def test_bad_recipes_are_explained(override, message):
     tiny = [] if override.startswith("model.arch") else TINY_BEIT
     with pytest.raises(ConfigError, match=message):
-        config.load(["recipe=beit_digits", *tiny, override])
+        recipes.load(["recipe=beit_digits", *tiny, override])
 
 
 def test_a_run_needs_a_tokenizer():
-    cfg = config.load(["recipe=beit_digits", *TINY_BEIT])
+    cfg = recipes.load(["recipe=beit_digits", *TINY_BEIT])
     with pytest.raises(ConfigError, match=r"task.tokenizer.path is required: .*recipe=dvae_digits.*=random"):
         build(cfg)
 

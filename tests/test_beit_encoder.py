@@ -166,7 +166,7 @@ def test_recorded_attention_is_what_beits_attention_computes(fused, mode):
 
 
 def test_layer_decay_groups_and_no_weight_decay():
-    from ssl_vit.optim import param_groups
+    from ssl_vit.tasks.param_groups import param_groups
 
     encoder = create_encoder("beit_base_patch16", **TINY, use_shared_rel_pos_bias=True)
     encoder.add_mask_token()

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ssl_vit import create_encoder, export_backbone, export_model, load_weights
-from ssl_vit.checkpoint import CheckpointError, encoder_config_of
+from ssl_vit.weights import CheckpointError, encoder_config_of
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 

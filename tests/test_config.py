@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssl_vit import config
+from ssl_vit import recipes
 from ssl_vit.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("recipe", config.available_recipes())
+@pytest.mark.parametrize("recipe", recipes.available_recipes())
 def test_every_recipe_loads_and_says_where_it_comes_from(recipe):
-    cfg = config.load([f"recipe={recipe}"])
+    cfg = recipes.load([f"recipe={recipe}"])
     assert cfg.recipe == recipe
     text = (ROOT / "recipes" / f"{recipe}.yaml").read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
@@ -23,7 +23,7 @@ def test_every_recipe_loads_and_says_where_it_comes_from(recipe):
 
 
 def test_base_chain_and_overrides():
-    cfg = config.load(["recipe=mae_large", "optim.epochs=1600", "optim.betas=[0.9,0.999]", "model.img_size=[224,320]"])
+    cfg = recipes.load(["recipe=mae_large", "optim.epochs=1600", "optim.betas=[0.9,0.999]", "model.img_size=[224,320]"])
     assert cfg.model.arch == "vit_large_patch16"          # mae_large's own value
     assert cfg.optim.blr == pytest.approx(1.5e-4)          # from its base, mae_base
     assert cfg.optim.epochs == 1600.0 and list(cfg.optim.betas) == [0.9, 0.999]
@@ -34,7 +34,7 @@ def test_base_chain_and_overrides():
 def test_recipe_file_with_relative_base(tmp_path):
     (tmp_path / "parent.yaml").write_text("base: mae_base\noptim:\n  epochs: 5\n  warmup_epochs: 1\n")
     (tmp_path / "child.yaml").write_text("base: parent.yaml\ndata:\n  batch_size: 8\n")
-    cfg = config.load([f"recipe={tmp_path / 'child.yaml'}"])
+    cfg = recipes.load([f"recipe={tmp_path / 'child.yaml'}"])
     assert (cfg.recipe, cfg.optim.epochs, cfg.data.batch_size, cfg.model.arch) == ("child", 5, 8, "vit_base_patch16")
 
 
@@ -42,7 +42,7 @@ def test_circular_bases_are_caught(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="circle"):
-        config.load([f"recipe={tmp_path / 'a.yaml'}"])
+        recipes.load([f"recipe={tmp_path / 'a.yaml'}"])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -63,31 +63,31 @@ def test_circular_bases_are_caught(tmp_path):
 ])
 def test_bad_input_is_explained(args, message):
     with pytest.raises(ConfigError, match=message):
-        config.load(args)
+        recipes.load(args)
 
 
 def test_unknown_key_in_a_recipe_names_the_file(tmp_path):
     (tmp_path / "typo.yaml").write_text("base: mae_base\noptim:\n  wieght_decay: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown key 'optim.wieght_decay' in .*typo.yaml.*optim.weight_decay"):
-        config.load([f"recipe={tmp_path / 'typo.yaml'}"])
+        recipes.load([f"recipe={tmp_path / 'typo.yaml'}"])
 
 
 def test_missing_training_data_is_explained_only_when_running():
-    cfg = config.load(["recipe=mae_base"])  # loading (and print_config) works without data
+    cfg = recipes.load(["recipe=mae_base"])  # loading (and print_config) works without data
     with pytest.raises(ConfigError, match=r"data.train is required by recipe 'mae_base'.*tools/make_shards.py"):
-        config.check_data(cfg)
+        recipes.check_data(cfg)
 
 
 def test_yaml_boolean_words_stay_words_on_the_command_line(tmp_path):
-    assert config.load(["recipe=mae_base", "train.precision=no"]).train.precision == "no"
-    assert config.load(["recipe=mae_base", "train.compile=yes"]).train.compile is True
+    assert recipes.load(["recipe=mae_base", "train.precision=no"]).train.precision == "no"
+    assert recipes.load(["recipe=mae_base", "train.compile=yes"]).train.compile is True
     (tmp_path / "r.yaml").write_text("base: mae_base\ntrain:\n  precision: no\n")
     with pytest.raises(ConfigError, match=r"train.precision='False' is not one of.*write precision: 'no'"):
-        config.load([f"recipe={tmp_path / 'r.yaml'}"])
+        recipes.load([f"recipe={tmp_path / 'r.yaml'}"])
 
 
 def test_brace_patterns_and_pipes_stay_strings():
-    cfg = config.load(["recipe=mae_base", "data.train={000000..000009}.tar",
+    cfg = recipes.load(["recipe=mae_base", "data.train={000000..000009}.tar",
                        "data.val=pipe:curl -s http://host/x-{0..3}.tar"])
     assert cfg.data.train == "{000000..000009}.tar"
     assert cfg.data.val == "pipe:curl -s http://host/x-{0..3}.tar"

@@ -17,10 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ssl_vit import config, load_weights
+from ssl_vit import recipes, load_weights
 from ssl_vit.config import ConfigError, ModelConfig, TaskConfig
 from ssl_vit.models import EncoderFamily, build_encoder, create_encoder, family_of, register_family, registered_families
+from ssl_vit.eval import TopKAccuracy, protocol_for
 from ssl_vit.tasks import Task, TaskOutput, build, register_task, registered_tasks
+from ssl_vit.weights import claiming_task
 
 ROOT = Path(__file__).resolve().parent.parent
 THIS_FILE = Path(__file__).resolve()
@@ -152,7 +154,7 @@ TASK_RECIPES = {  # a CPU-sized recipe of each task
 def test_every_task_honours_the_contract(name, tmp_path):
     cls = registered_tasks()[name]
     assert cls.Config().name == name and issubclass(cls.Config, TaskConfig) and cls.__doc__
-    cfg = config.load(TASK_RECIPES[name])
+    cfg = recipes.load(TASK_RECIPES[name])
     torch.manual_seed(0)
     task = build(cfg, num_classes=10)
     assert isinstance(task, cls) and isinstance(task.describe(), str)
@@ -164,12 +166,18 @@ def test_every_task_honours_the_contract(name, tmp_path):
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in task.parameters() if p.requires_grad)
     assert all("lr_scale" in g and "weight_decay" in g for g in groups)
-    if cls.evaluation == "top-k":
+    protocol = protocol_for(cls)  # the task names a protocol the evaluation layer has
+    if protocol is TopKAccuracy:
         logits = task.eval().predict({"images": batch["images"]})
         logits = [logits] if isinstance(logits, torch.Tensor) else logits
         assert all(l.shape == (4, 10) for l in logits)
-        assert set(task.summarize([{"top1": 50.0, "top5": 90.0, "num_samples": 4}] * len(logits))) >= {"top1"}
-    assert set(cls.required_splits(cfg)) <= {"train", "val"}
+        results = [{"top1": 50.0 + i, "top5": 90.0, "num_samples": 4} for i in range(len(logits))]
+        assert set(task.summarize(results)) >= {"top1"}
+        assert task.summarize(results) == task.summarize(results)  # pure: what it chooses is in what it returns
+    assert set(protocol.required_splits(cfg)) <= {"train", "val"}
+    # its FSDP units are modules of its own (blocks), each once
+    units = task.fsdp_units()
+    assert len({id(u) for u in units}) == len(units) and all(any(u is m for m in task.modules()) for u in units)
     # model.safetensors loads back, every tensor of the file used: into the encoder its JSON describes
     # when it is a plain encoder with a head (timm loads it too), else into a freshly built task
     from ssl_vit import export_model
@@ -184,6 +192,30 @@ def test_every_task_honours_the_contract(name, tmp_path):
         again.export_state().state
     for key, value in load_file(tmp_path / "model.safetensors").items():
         assert torch.equal(value, reloaded[key]), key
+    # its own file is claimed by itself alone, or by no task (a plain encoder with a head)
+    owner, _ = claiming_task(load_file(tmp_path / "model.safetensors"))
+    assert owner in (cls, None) and (owner is cls) == (cls.checkpoint_format(load_file(tmp_path / "model.safetensors"))
+                                                       is not None)
+
+
+def test_a_task_without_forward_or_build_is_refused_when_it_registers():
+    class Incomplete(Task):
+        """a task that forgot its forward."""
+        name = "incomplete"
+
+        @classmethod
+        def build(cls, cfg, num_classes: int = 0):
+            return cls()
+
+    with pytest.raises(TypeError, match=r"Incomplete \(task 'incomplete'\) does not define forward"):
+        register_task(Incomplete)
+    assert "incomplete" not in registered_tasks()
+
+
+def test_every_protocol_a_task_may_name_exists():
+    from ssl_vit.tasks.base import EVALUATIONS
+
+    assert all(protocol_for(type("T", (), {"evaluation": name})).name == name for name in EVALUATIONS)
 
 
 FAMILY_OPTIONS = {"vit": ("vit_tiny_patch16", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)),
@@ -254,7 +286,7 @@ def test_a_task_defined_outside_the_package_trains_resumes_and_exports(tmp_path,
     assert "resumed from" in result.stdout and "task toy_rotation" in result.stdout
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "eval" not in line]
     assert [line["step"] for line in lines] == [1, 2, 3, 4] and all("rotation_top1" in line for line in lines)
-    saved = config.load([f"recipe={out / 'config.yaml'}"])  # the saved config names the plugin file
+    saved = recipes.load([f"recipe={out / 'config.yaml'}"])  # the saved config names the plugin file
     assert saved.task.name == "toy_rotation" and saved.task.rotations == 4 and str(THIS_FILE) in saved.imports
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "toy_rotation" and metrics["num_samples"] == 360  # the k-NN monitor, generic
@@ -267,11 +299,11 @@ def test_a_task_defined_outside_the_package_trains_resumes_and_exports(tmp_path,
     assert "load_with_timm" not in json.loads((out / "model.json").read_text())  # not a plain timm model
     # its config section is its own: keys checked, MAE's gone
     with pytest.raises(ConfigError, match=r"unknown key 'task.rotatons'.*Did you mean task.rotations"):
-        config.load([f"recipe={recipe}", "task.rotatons=2"])
+        recipes.load([f"recipe={recipe}", "task.rotatons=2"])
     with pytest.raises(ConfigError, match=r"task.mask_ratio is a key of task.name=mae"):
-        config.load([f"recipe={recipe}", "task.mask_ratio=0.5"])
+        recipes.load([f"recipe={recipe}", "task.mask_ratio=0.5"])
     with pytest.raises(ConfigError, match="task.rotations=3: use 2"):
-        config.load([f"recipe={recipe}", "task.rotations=3"])
+        recipes.load([f"recipe={recipe}", "task.rotations=3"])
 
 
 def test_an_encoder_family_defined_outside_the_package_trains_resumes_and_exports(tmp_path, env):
@@ -292,22 +324,22 @@ def test_an_encoder_family_defined_outside_the_package_trains_resumes_and_export
     backbone = load_file(out / "backbone.safetensors")
     assert "stem.weight" in backbone and not any(k.startswith("head.") for k in backbone)
     # layer decay (finetune_digits: 0.75) through the family's group_matcher: each block its own lr
-    cfg = config.load([f"recipe={recipe}"])
+    cfg = recipes.load([f"recipe={recipe}"])
     groups = build(cfg, num_classes=10).param_groups(0.05, 0.75)
     scales = sorted({round(g["lr_scale"], 6) for g in groups})
     assert scales == [round(0.75 ** k, 6) for k in (3, 2, 1, 0)]  # stem, block 0, block 1 with norm, head
     # ViT keys do not belong to this family
     with pytest.raises(ConfigError, match=r"unknown key 'model.patch_size'.*model.patch_size is a key of the vit"):
-        config.load([f"recipe={recipe}", "model.patch_size=4"])
+        recipes.load([f"recipe={recipe}", "model.patch_size=4"])
 
 
 def test_unregistered_names_say_how_to_register(tmp_path):
     with pytest.raises(ConfigError, match=r"task.name='nope' is not one of: .*@register_task .*imports:"):
-        config.load(["recipe=mae_tiny_digits", "task.name=nope"])
+        recipes.load(["recipe=mae_tiny_digits", "task.name=nope"])
     with pytest.raises(ConfigError, match=r"model.arch='nope' is not an encoder we know.*@register_family"):
-        config.load(["recipe=mae_tiny_digits", "model.arch=nope"])
+        recipes.load(["recipe=mae_tiny_digits", "model.arch=nope"])
     with pytest.raises(ConfigError, match=r"imports: no_such_plugin.py does not exist"):
-        config.load(["recipe=mae_tiny_digits", "imports=[no_such_plugin.py]"])
+        recipes.load(["recipe=mae_tiny_digits", "imports=[no_such_plugin.py]"])
 
 
 # -------------------------------------------------------------------------------------------
@@ -316,7 +348,7 @@ def test_unregistered_names_say_how_to_register(tmp_path):
 
 def test_timm_models_get_img_size_layer_decay_and_no_decay_lists():
     swin = "timm:swin_tiny_patch4_window7_224"
-    cfg = config.load(["recipe=supervised_resnet_digits", f"model.arch={swin}"])  # 32 px digits
+    cfg = recipes.load(["recipe=supervised_resnet_digits", f"model.arch={swin}"])  # 32 px digits
     task = build(cfg, num_classes=10)
     assert tuple(task.encoder.patch_embed.img_size) == (32, 32)  # honoured, not timm's 224
     assert task({"images": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 1])}).loss.isfinite()
@@ -335,6 +367,6 @@ def test_timm_models_get_img_size_layer_decay_and_no_decay_lists():
 
 def test_a_size_a_timm_model_cannot_take_stops_before_anything_runs():
     with pytest.raises(ConfigError, match=r"timm's convnext_atto cannot run on 24x24 images \(model.img_size=24\)"):
-        config.load(["recipe=supervised_resnet_digits", "model.arch=timm:convnext_atto", "model.img_size=24"])
+        recipes.load(["recipe=supervised_resnet_digits", "model.arch=timm:convnext_atto", "model.img_size=24"])
     with pytest.raises(ConfigError, match=r"timm has no model 'resnet_nonexistent'"):
-        config.load(["recipe=supervised_resnet_digits", "model.arch=timm:resnet_nonexistent"])
+        recipes.load(["recipe=supervised_resnet_digits", "model.arch=timm:resnet_nonexistent"])

@@ -13,13 +13,13 @@ import torchvision.transforms as T
 from PIL import Image
 
 from conftest import free_port, main_script
-from ssl_vit import config
+from ssl_vit import recipes
 from ssl_vit.config import ConfigError
 from ssl_vit.data import DeviceNormalize, build_eval_loader, build_train_loader, shard_source
 from ssl_vit.data.digits import digits_index
 from ssl_vit.data.sources import resolve
 from ssl_vit.data.stream import ShardStream, make_loader
-from ssl_vit.data.transforms import build_transform, decode_uint8
+from ssl_vit.data.transforms import Transform, build_transform, decode_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_SHARDS = ROOT / "tools" / "make_shards.py"
@@ -273,7 +273,7 @@ def test_a_stream_with_no_readable_sample_stops_with_an_error(tmp_path, workers)
 
 
 def _cfg(*overrides):
-    return config.load(["recipe=mae_tiny_digits", *overrides])
+    return recipes.load(["recipe=mae_tiny_digits", *overrides])
 
 
 def test_worker_transforms_return_uint8_at_the_recipe_size():
@@ -312,7 +312,7 @@ def test_recipe_loaders_on_digits(tmp_path, monkeypatch):
 
 
 def test_recipe_without_data_is_explained():
-    cfg = config.load(["recipe=mae_base"])
+    cfg = recipes.load(["recipe=mae_base"])
     with pytest.raises(ConfigError, match="data.train is required"):
         shard_source(cfg, "train")
 
@@ -418,8 +418,8 @@ def test_benchmark_data_prints_a_table_and_a_json_line(tmp_path):
 # repeated augmentation (DeiT)
 
 
-class _RandomCrop:
-    """A random transform that counts how often it decodes."""
+class _RandomCrop(Transform):
+    """A random transform (the loaders' protocol: data/transforms.py Transform) that counts how often it decodes."""
     decoded = 0
 
     @classmethod
@@ -459,7 +459,7 @@ def test_repeated_augmentation_spreads_the_views_of_each_sample(tmp_path):
 
 def test_recipe_repeated_augmentation_on_digits(tmp_path, monkeypatch):
     monkeypatch.setenv("SSL_VIT_CACHE", str(tmp_path))
-    cfg = config.load(["recipe=finetune_digits", "data.repeated_aug=2", "data.batch_size=16", "data.num_workers=0",
+    cfg = recipes.load(["recipe=finetune_digits", "data.repeated_aug=2", "data.batch_size=16", "data.num_workers=0",
          "data.train_transform=randaug", "data.auto_augment=rand-m9-mstd0.5-inc1"])
     data = build_train_loader(cfg, batches_per_epoch=4)
     batches = list(data.epoch(0))

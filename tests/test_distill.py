@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 import torch.nn as nn
 
 from conftest import TINY_VIT, run_command
-from ssl_vit import config, create_encoder, load_weights
+from ssl_vit import config, recipes, create_encoder, load_weights
 from ssl_vit.config import ConfigError
-from ssl_vit.optim import build_optimizer
+from ssl_vit.run.optim import build_optimizer
 from ssl_vit.tasks import Distill, Teacher, build, build_teacher
 from ssl_vit.tasks.distill import TeacherConfig, hard_distillation_loss, soft_distillation_loss
 
@@ -83,7 +83,7 @@ def test_total_loss_weights_the_two_tokens(kind):
 def test_the_teacher_is_frozen_and_outside_the_weights():
     task, batch = _task("soft"), _batch()
     before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
-    optimizer = build_optimizer(config.load(["recipe=deit_tiny_distilled_digits"]).optim, task)
+    optimizer = build_optimizer(recipes.load(["recipe=deit_tiny_distilled_digits"]).optim, task)
     task.train()
     assert not task.teacher.training and not task.teacher.model.norm.training
     task(batch).loss.backward()
@@ -137,7 +137,7 @@ def test_inference_averages_the_two_heads_or_takes_one():
 
 def test_timm_deit_distilled_weights_give_timms_logits_through_the_task():
     deit = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=7).eval()
-    cfg = config.load(["recipe=deit_tiny_distilled", "task.distillation=none", "model.num_classes=7"])
+    cfg = recipes.load(["recipe=deit_tiny_distilled", "task.distillation=none", "model.num_classes=7"])
     task = build(cfg, num_classes=7)
     load_weights(task, deit.state_dict(), strict=True, verbose=False)
     task.eval()
@@ -170,11 +170,11 @@ def _teacher_cfg(**kwargs):
 
 
 def test_teachers_load_from_our_exports_and_from_state_dicts(tmp_path):
-    from ssl_vit.checkpoint import export_model
+    from ssl_vit.weights import export_model
     from ssl_vit.models import build_encoder
     from ssl_vit.tasks import Classify
 
-    cfg = config.load(["recipe=supervised_resnet_digits", "model.num_classes=10"])
+    cfg = recipes.load(["recipe=supervised_resnet_digits", "model.num_classes=10"])
     resnet = Classify(build_encoder(cfg.model, num_classes=10))
     export_model(resnet, tmp_path / "model.safetensors", extra={"data": {"mean": [0.5] * 3, "std": [0.5] * 3}})
     images = torch.randn(2, 3, 32, 32)
@@ -207,16 +207,16 @@ def test_teachers_load_from_our_exports_and_from_state_dicts(tmp_path):
 
 def test_distillation_config_errors():
     with pytest.raises(ConfigError, match="dist_token"):
-        config.load(["recipe=deit_tiny_distilled_digits", "model.dist_token=false"])
+        recipes.load(["recipe=deit_tiny_distilled_digits", "model.dist_token=false"])
     with pytest.raises(ConfigError, match="task.distillation="):
-        config.load(["recipe=deit_tiny_distilled_digits", "task.distillation=medium"])
+        recipes.load(["recipe=deit_tiny_distilled_digits", "task.distillation=medium"])
     with pytest.raises(ConfigError, match="task.name=mae needs the encoder's visible forward, which "
                                           "model.arch=timm:resnet18 .timm encoders. does not have"):
-        config.load(["recipe=mae_tiny_digits", "model.arch=timm:resnet18"])
+        recipes.load(["recipe=mae_tiny_digits", "model.arch=timm:resnet18"])
     with pytest.raises(ConfigError, match="task.teacher.weights"):
-        build(config.load(["recipe=deit_tiny_distilled_digits"]), num_classes=10)
+        build(recipes.load(["recipe=deit_tiny_distilled_digits"]), num_classes=10)
     with pytest.raises(ConfigError, match="timm has no model"):
-        build(config.load(["recipe=supervised_resnet_digits", "model.arch=timm:resnet_nonexistent"]), num_classes=10)
+        build(recipes.load(["recipe=supervised_resnet_digits", "model.arch=timm:resnet_nonexistent"]), num_classes=10)
 
 
 # -------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_vit import config, create_encoder
-from ssl_vit.evaluate import evaluate, knn_predict, topk_correct
-from ssl_vit.optim import build_optimizer, param_groups, set_lr
+from ssl_vit import recipes, create_encoder
+from ssl_vit.eval import evaluate, knn_predict, topk_correct
+from ssl_vit.run.optim import build_optimizer, set_lr
+from ssl_vit.tasks.param_groups import param_groups
 from ssl_vit.tasks import Classify, LinearProbe, build_mixup
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
@@ -39,7 +40,7 @@ def test_knn_matches_a_loop_over_queries():
 def test_layer_decay_gives_each_block_its_lr():
     """timm's layer-decay groups through the task's own group_matcher: block i gets
     lr x decay^(depth - i), the embeddings decay^(depth + 1), the head and fc_norm the full lr."""
-    cfg = config.load(["recipe=finetune_digits", "optim.layer_decay=0.65", "model.depth=4"])
+    cfg = recipes.load(["recipe=finetune_digits", "optim.layer_decay=0.65", "model.depth=4"])
     task = Classify(create_encoder("vit_tiny_patch16", num_classes=10, global_pool="avg", **TINY))
     optimizer = build_optimizer(cfg.optim, task)
     set_lr(optimizer, 1.0)
@@ -65,7 +66,7 @@ def test_layer_decay_without_a_group_matcher_is_refused():
 
 
 def test_linear_probe_trains_only_its_heads():
-    cfg = config.load(["recipe=linprobe_digits", "task.lr_scales=[1,10]"])
+    cfg = recipes.load(["recipe=linprobe_digits", "task.lr_scales=[1,10]"])
     encoder = create_encoder("vit_tiny_patch16", **TINY)
     probe = LinearProbe(encoder, 10, lr_scales=[1, 10])
     optimizer = build_optimizer(cfg.optim, probe)
@@ -105,7 +106,7 @@ def test_classify_losses():
     logits = encoder(images)
     smoothed = -(0.9 * F.log_softmax(logits, 1)[torch.arange(4), labels] + 0.1 * F.log_softmax(logits, 1).mean(1))
     assert plain({"images": images, "labels": labels}).loss.item() == pytest.approx(smoothed.mean().item(), rel=1e-5)
-    cfg = config.load(["recipe=finetune_base"])  # mixup 0.8, cutmix 1.0, smoothing 0.1
+    cfg = recipes.load(["recipe=finetune_base"])  # mixup 0.8, cutmix 1.0, smoothing 0.1
     mixed = Classify(encoder, mixup=build_mixup(cfg.task, 4), head_init_std=None).train()
     torch.manual_seed(0)
     out = mixed({"images": images, "labels": labels})
@@ -123,6 +124,6 @@ def test_new_head_initialisation():
 def test_digits_recipes_use_the_mae_tiny_digits_encoder(recipe):
     """init=random must build the same architecture the MAE digits encoder has (a fair baseline)."""
     keys = ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans", "mlp_ratio")
-    mae, other = config.load(["recipe=mae_tiny_digits"]), config.load([f"recipe={recipe}"])
+    mae, other = recipes.load(["recipe=mae_tiny_digits"]), recipes.load([f"recipe={recipe}"])
     assert {k: mae.model[k] for k in keys} == {k: other.model[k] for k in keys}
     assert list(mae.data.mean) == list(other.data.mean) and list(mae.data.std) == list(other.data.std)

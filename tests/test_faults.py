@@ -49,7 +49,7 @@ def checkpoints(out):
 
 
 def lock_is_free(out) -> bool:
-    from ssl_vit.run_folder import FolderLock
+    from ssl_vit.run.folder import FolderLock
 
     lock = FolderLock(Path(out))
     free = lock.acquire() is None
@@ -205,7 +205,7 @@ def test_damage_that_keeps_a_files_size_is_seen(three_checkpoints, tmp_path, dam
     """64 KB zeroed inside a file (a bad sector, a botched copy) keeps its size: the sha256 in the
     manifest tells. A checkpoint written before checksums (sizes only) is read to be verified instead:
     an RNG state that does not load is damage (Accelerate would have resumed without it, silently)."""
-    from ssl_vit.run_state import damaged
+    from ssl_vit.run.checkpoints import damaged
 
     checkpoint = tmp_path / "step_00000003"
     shutil.copytree(three_checkpoints / "checkpoints" / "step_00000003", checkpoint)
@@ -249,7 +249,8 @@ def test_every_checkpoint_damaged_stops_the_run_and_keeps_everything(three_check
 
 
 def test_a_full_disk_is_named_and_leaves_no_half_checkpoint(tmp_path, monkeypatch):
-    from ssl_vit.run_state import Checkpoints, TrainState
+    from ssl_vit.run.checkpoints import Checkpoints
+    from ssl_vit.run.state import TrainState
 
     class Accelerator:  # saves half a file, then fails the way torch does on a full disk
         is_main_process = True
@@ -343,7 +344,7 @@ INIT_FILES = [
 @pytest.mark.parametrize("name, message", INIT_FILES)
 def test_init_files_that_cannot_be_used_are_refused_saying_why(files, name, message):
     from ssl_vit import create_encoder, load_weights
-    from ssl_vit.checkpoint import CheckpointError
+    from ssl_vit.weights import CheckpointError
 
     encoder = create_encoder("vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     with pytest.raises(CheckpointError) as error:
@@ -387,10 +388,10 @@ def test_a_prefixed_state_dict_loads_and_says_so(files):
     (["model.drop_path_rate=1.5"], "model.drop_path_rate=1.5 must be in [0, 1)"),
 ])
 def test_bad_values_are_refused(args, message):
-    from ssl_vit import config
+    from ssl_vit import recipes
 
     with pytest.raises(ConfigError) as error:
-        config.load(["recipe=mae_tiny_digits", *TINY_MAE, *args])
+        recipes.load(["recipe=mae_tiny_digits", *TINY_MAE, *args])
     assert message in str(error.value)
 
 
@@ -398,10 +399,10 @@ def test_bad_values_are_refused(args, message):
     ("simmim_swin_digits", "model.window_size=0"), ("simmim_swin_digits", "model.depths=[2,0]"),
     ("beit_digits", "model.patch_size=0"), ("beit_digits", "model.mlp_ratio=0.0"), ("simmim_digits", "model.embed_dim=0")])
 def test_every_familys_sizes_must_be_positive(recipe, override):
-    from ssl_vit import config
+    from ssl_vit import recipes
 
     with pytest.raises(ConfigError, match=rf"{re.escape(override.replace(',', ', '))} must be positive"):
-        config.load([f"recipe={recipe}", override])
+        recipes.load([f"recipe={recipe}", override])
 
 
 def test_a_bad_value_stops_a_run_in_one_line(tmp_path, env):

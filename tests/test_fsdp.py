@@ -18,10 +18,10 @@ TINY_MAE = [*TINY_VIT, "task.decoder_dim=32", "task.decoder_depth=1", "task.deco
 STEPS = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-from ssl_vit import config
-from ssl_vit.outputs import export_run
-from ssl_vit.train import Trainer
-cfg = config.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}", *{extra!r}])
+from ssl_vit import config, recipes
+from ssl_vit.run.outputs import export_run
+from ssl_vit.run import Trainer
+cfg = recipes.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}", *{extra!r}])
 trainer = Trainer(cfg)
 g = torch.Generator().manual_seed(0)
 rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
@@ -39,7 +39,7 @@ for step in range(3):  # the same 32 images and masks per step, split over ranks
         loss /= world
     losses.append(float(loss))
 trainer.state.step = 3
-trainer._export()
+trainer.export()
 sharded = trainer.parallel.sharded
 if rank == 0:
     block = dict(trainer.task.named_parameters())["encoder.blocks.0.attn.qkv.weight"]
@@ -95,15 +95,15 @@ def test_a_sharded_run_resumes_exactly(tmp_path, env):
 TEACHER = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from ssl_vit import config
-from ssl_vit.checkpoint import export_model
+from ssl_vit import config, recipes
+from ssl_vit.weights import export_model
 from ssl_vit.models import build_encoder
 from ssl_vit.tasks import Classify
-from ssl_vit.train import Trainer
+from ssl_vit.run import Trainer
 teacher = "{out}/teacher.safetensors"
-cfg = config.load(["recipe=supervised_resnet_digits", "model.num_classes=10"])
+cfg = recipes.load(["recipe=supervised_resnet_digits", "model.num_classes=10"])
 export_model(Classify(build_encoder(cfg.model, num_classes=10)), teacher)
-cfg = config.load(["recipe=deit_tiny_distilled_digits", *{tiny!r}, "train.output_dir={out}/run", "data.batch_size=32",
+cfg = recipes.load(["recipe=deit_tiny_distilled_digits", *{tiny!r}, "train.output_dir={out}/run", "data.batch_size=32",
                    "train.sharding=fsdp", f"task.teacher.weights={{teacher}}", "train.max_steps=1"])
 trainer = Trainer(cfg)
 trainer.run()
@@ -134,11 +134,11 @@ def test_the_memory_table_is_counted_from_the_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| strategy | GPUs | parameters | gradients | AdamW state |" in result.stdout
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    from ssl_vit import config
+    from ssl_vit import recipes
     from ssl_vit.tasks import build
 
     with torch.device("meta"):
-        task = build(config.load(["recipe=mae_giant"]))
+        task = build(recipes.load(["recipe=mae_giant"]))
     assert figures["mae_giant_trainable_parameters"] == sum(p.numel() for p in task.parameters() if p.requires_grad)
     assert figures["mae_giant_fsdp_64_total_gib"] < figures["mae_giant_fsdp_8_total_gib"] < figures["mae_giant_ddp_8_total_gib"]
     assert 0 < figures["mae_giant_activations_per_image_checkpointed_gib"] < figures["mae_giant_activations_per_image_gib"]

@@ -17,10 +17,10 @@ TINY_MAE = [*TINY_VIT, "task.decoder_dim=32", "task.decoder_depth=1", "task.deco
 
 
 def _tiny_mae(device="cuda"):
-    from ssl_vit import config
+    from ssl_vit import recipes
     from ssl_vit.tasks import build
 
-    cfg = config.load(["recipe=mae_tiny_digits", *TINY_MAE])
+    cfg = recipes.load(["recipe=mae_tiny_digits", *TINY_MAE])
     torch.manual_seed(0)
     return build(cfg).to(device)
 
@@ -82,9 +82,9 @@ def test_fsdp_on_one_device_trains_and_exports(tmp_path, env):
 SYNCS = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from ssl_vit import config
-from ssl_vit.train import Trainer
-cfg = config.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}", "train.precision=bf16"])
+from ssl_vit import config, recipes
+from ssl_vit.run import Trainer
+cfg = recipes.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}", "train.precision=bf16"])
 trainer = Trainer(cfg)
 g = torch.Generator().manual_seed(0)
 micro = [dict(images=torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -94,7 +94,7 @@ torch.cuda.synchronize()
 torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises from here on
 trainer.train_step(micro)
 torch.cuda.set_sync_debug_mode("default")
-print(json.dumps(dict(ok=True, skip_on_device=trainer.skip_on_device)))
+print(json.dumps(dict(ok=True, skip_on_device=trainer.step.on_device)))
 """
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY_VIT
 from conftest import run_command as run
-from ssl_vit import config
+from ssl_vit import config, recipes
 from ssl_vit.config import ConfigError
 
 PRETRAIN = [sys.executable, str(ROOT / "pretrain.py")]
@@ -39,7 +39,7 @@ def metrics(out):
 def test_shard_paths_with_a_digits_recipe_stop_and_say_data_name_shards(split):
     with pytest.raises(ConfigError, match=rf"data.{split}=my-{split}.json is given but data.name=digits .*"
                                           r"add data.name=shards"):
-        config.load(["recipe=linprobe_digits", f"data.{split}=my-{split}.json"])
+        recipes.load(["recipe=linprobe_digits", f"data.{split}=my-{split}.json"])
 
 
 # -------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_metrics_say_what_produced_them(tmp_path, env, tiny_mae_run):
     assert p["init"] == str(backbone) and p["init_sha256"] == hashlib.sha256(backbone.read_bytes()).hexdigest()
     assert p["data"]["train"] == "digits (embedded)" and p["data"]["train_fraction"] == 1.0 and p["seed"] == 0
     assert p["code"]["ssl_vit"] and len(p["code"]["commit"] or "x" * 40) == 40
-    assert config.load([f"recipe={out / 'config.yaml'}"]).init == str(backbone)  # knn.py writes config.yaml too
+    assert recipes.load([f"recipe={out / 'config.yaml'}"]).init == str(backbone)  # knn.py writes config.yaml too
     monitor = metrics(tiny_mae_run)  # the k-NN monitor of pre-training: the same schema
     assert monitor["protocol"] == "knn" and {"top1", "top5", "num_samples"} <= set(monitor)
 
@@ -241,7 +241,7 @@ def test_a_classifier_names_its_classes_and_predicts_files(classifier, tmp_path,
     description = json.loads((classifier / "model.json").read_text())
     assert description["classes"] == [str(d) for d in range(10)]  # from the shard index
     from ssl_vit.data import build_eval_loader
-    cfg = config.load(["recipe=finetune_digits", *TINY_VIT[:4]])
+    cfg = recipes.load(["recipe=finetune_digits", *TINY_VIT[:4]])
     batch = next(iter(build_eval_loader(cfg, "val", batch_size=2)))
     files = []
     for i, image in enumerate(batch["images"]):
@@ -275,8 +275,8 @@ def test_exports_load_in_hugging_face_transformers(classifier, tmp_path, env, ti
         assert torch.allclose(hf(pixel_values=images).last_hidden_state, ours.forward_features(images), atol=1e-5)
     # a classifier: the same logits, the class names
     run([*tool("export_hf"), str(classifier / "model.safetensors"), str(tmp_path / "classifier")], env)
-    cfg = config.load(["recipe=finetune_digits", *TINY_VIT[:4]])  # mean pooling: transformers' ViT has none
-    from ssl_vit.checkpoint import export_model
+    cfg = recipes.load(["recipe=finetune_digits", *TINY_VIT[:4]])  # mean pooling: transformers' ViT has none
+    from ssl_vit.weights import export_model
     from ssl_vit.tasks import build
     export_model(build(cfg, num_classes=10), tmp_path / "avg" / "model.safetensors")
     refused = run([*tool("export_hf"), str(tmp_path / "avg" / "model.safetensors"), str(tmp_path / "no")], env,
@@ -291,7 +291,7 @@ def test_exports_load_in_hugging_face_transformers(classifier, tmp_path, env, ti
     # an MAE with its decoder: transformers' ViTMAE gives our loss for the same masks
     run([*tool("export_hf"), str(tiny_mae_run / "model.safetensors"), str(tmp_path / "mae")], env)
     hf = transformers.ViTMAEForPreTraining.from_pretrained(str(tmp_path / "mae")).eval()
-    cfg = config.load([f"recipe={tiny_mae_run / 'config.yaml'}"])
+    cfg = recipes.load([f"recipe={tiny_mae_run / 'config.yaml'}"])
     mae = MAE.build(cfg).eval()
     load_weights(mae, tiny_mae_run / "model.safetensors", strict=True, verbose=False)
     noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
@@ -303,7 +303,7 @@ def test_a_validation_split_written_in_order_shows_several_classes(tmp_path):
     """Shards of a split written class by class (make_shards --shuffle false): the pictures are spread
     over the split, not its first images (all of one class)."""
     from ssl_vit.data.writer import Item, write_shards
-    from ssl_vit.visualize_command import VisualizeConfig, load_images
+    from ssl_vit.cli.visualize import VisualizeConfig, load_images
 
     items = []
     for label, shade in ((0, 0), (1, 255)):
@@ -312,7 +312,7 @@ def test_a_validation_split_written_in_order_shows_several_classes(tmp_path):
             Image.new("RGB", (8, 8), (shade,) * 3).save(png)
             items.append(Item(str(png), label, f"{label}_{i:02d}"))
     write_shards(items, ["black", "white"], tmp_path / "val", shuffle=False, progress=False)
-    cfg = config.load(["recipe=mae_base", f"data.val={tmp_path / 'val.json'}", "model.img_size=16", "model.patch_size=4",
+    cfg = recipes.load(["recipe=mae_base", f"data.val={tmp_path / 'val.json'}", "model.img_size=16", "model.patch_size=4",
                        "num_images=4"], schema=VisualizeConfig)
     images = load_images(cfg)
     brightness = images.float().mean(dim=(1, 2, 3))
@@ -321,7 +321,7 @@ def test_a_validation_split_written_in_order_shows_several_classes(tmp_path):
 
 def test_help_describes_every_key_and_lists_the_recipes_a_tool_runs():
     from ssl_vit.models import registered_families
-    from ssl_vit.recipe_loading import key_descriptions
+    from ssl_vit.recipes import key_descriptions
     from ssl_vit.tasks import registered_tasks
 
     schemas = [config.Config] + [t.Config for t in registered_tasks().values()]

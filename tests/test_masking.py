@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from ssl_vit.masking import BlockwiseMaskGenerator, RandomMaskGenerator
+from ssl_vit.tasks.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 
 
 # -------------------------------------------------------------------------------------------

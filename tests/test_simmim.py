@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, TINY_VIT
 from conftest import run_command as run
-from ssl_vit import config, create_encoder, export_backbone, export_model, load_weights
+from ssl_vit import recipes, create_encoder, export_backbone, export_model, load_weights
 from ssl_vit.config import ConfigError
 from ssl_vit.tasks import SimMIM
 
@@ -176,7 +176,7 @@ def test_model_file_is_simmims_layout_and_loads_back(tmp_path):
     report = load_weights(again, tmp_path / "model.safetensors", strict=True, verbose=False)
     assert report.format == "ssl_vit model"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    assert SimMIM.claims_checkpoint(load_file(tmp_path / "model.safetensors"))
+    assert SimMIM.checkpoint_format(load_file(tmp_path / "model.safetensors"))
     # into a bare encoder (fine-tuning from model.safetensors): the encoder's tensors; mask token and head unused
     encoder = create_encoder("vit_tiny_patch16", img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH,
                              num_heads=HEADS, pos_embed="learn")
@@ -198,11 +198,11 @@ def test_model_file_is_simmims_layout_and_loads_back(tmp_path):
 def test_bad_recipes_are_explained(override, message):
     tiny = TINY_VIT[:4] if override.startswith(("task.", "model.global_pool")) else []  # ViT keys
     with pytest.raises(ConfigError, match=message):
-        config.load(["recipe=simmim_digits", *tiny, override])
+        recipes.load(["recipe=simmim_digits", *tiny, override])
 
 
 def test_the_paper_recipe_is_beits_encoder_with_the_papers_settings():
-    cfg = config.load(["recipe=simmim_vit_base"], check=False)
+    cfg = recipes.load(["recipe=simmim_vit_base"], check=False)
     assert cfg.model.arch == "beit_base_patch16" and cfg.model.use_shared_rel_pos_bias and not cfg.model.use_abs_pos_emb
     assert (cfg.task.mask_patch_size, cfg.task.mask_ratio, cfg.optim.batch_size, cfg.optim.epochs) == (32, 0.6, 2048, 800)
     assert list(cfg.data.crop_scale) == [0.67, 1.0] and cfg.model.layer_scale_init == 0.1

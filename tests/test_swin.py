@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, check_backbone_export_loads_in_timm
 from conftest import run_command as run
-from ssl_vit import config, create_encoder, export_backbone, load_weights
+from ssl_vit import recipes, create_encoder, export_backbone, load_weights
 from ssl_vit.config import ConfigError
 from ssl_vit.models import family_of
 from ssl_vit.models.swin_attention import attention_maps, recompute_window_attention
@@ -186,7 +186,7 @@ def test_simmims_released_layout_loads_into_the_task_with_every_tensor_used(tmp_
 
 
 def test_paper_recipes_and_layer_decay():
-    cfg = config.load(["recipe=simmim_swin_base"])
+    cfg = recipes.load(["recipe=simmim_swin_base"])
     assert (cfg.model.arch, cfg.model.img_size, cfg.model.window_size, cfg.task.mask_patch_size) == \
         ("swin_base_patch4_window6", 192, 6, 32)
     with torch.device("meta"):
@@ -199,7 +199,7 @@ def test_paper_recipes_and_layer_decay():
     assert len(tables) == 24 and all(decay_of[n] == 0 for n in tables)         # timm's no_weight_decay()
     assert decay_of["encoder.mask_token"] == 0 and decay_of["encoder.layers.2.blocks.0.mlp.fc1.weight"] == 0.05
     # fine-tuning: each of Swin-B's 24 blocks its own lr scale, the stem below them, the head at 1
-    cfg = config.load(["recipe=finetune_swin_base"])
+    cfg = recipes.load(["recipe=finetune_swin_base"])
     assert (cfg.model.img_size, cfg.model.window_size, cfg.optim.layer_decay) == (224, 7, 0.8)
     with torch.device("meta"):
         task = build(cfg, num_classes=1000)
@@ -213,7 +213,7 @@ def test_paper_recipes_and_layer_decay():
 def test_finetune_swin_base_reads_the_exports_shape_and_the_commands_resolution(tmp_path):
     """finetune_swin_base's command: the export's JSON gives the widths, blocks and heads, the command
     line the 224 px and window 7 (it wins over the JSON's 192 px and window 6)."""
-    from ssl_vit.commands import load_config
+    from ssl_vit.cli.commands import load_config
 
     small = dict(depths=[2, 2, 2, 2], embed_dim=32, num_heads=[1, 2, 4, 8])
     export_backbone(create_encoder("swin_base_patch4_window6", img_size=192, **small), tmp_path / "backbone.safetensors")
@@ -235,7 +235,7 @@ def test_finetune_swin_base_reads_the_exports_shape_and_the_commands_resolution(
 ])
 def test_bad_recipes_are_explained(override, message):
     with pytest.raises(ConfigError, match=message):
-        config.load(["recipe=simmim_swin_base", *override])
+        recipes.load(["recipe=simmim_swin_base", *override])
 
 
 def _hooked_softmax(block, images, encoder):

@@ -18,14 +18,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import ROOT
-from ssl_vit.checkpoint import CheckpointError, read_checkpoint
+from ssl_vit.weights import CheckpointError, read_checkpoint
 from ssl_vit.config import ConfigError
 from ssl_vit.tasks import DVAE
 from ssl_vit.tasks.dvae import codebook_usage
 from ssl_vit.tokenizers import load_tokenizer, random_tokenizer, read_description, save_tokenizer
 from ssl_vit.tokenizers.dall_e import LOGIT_LAPLACE_EPS, convert_dall_e
 from ssl_vit.tokenizers.dall_e_pickle import RefusedPickle
-from ssl_vit.tokenizers.vq import DVAEEncoder, VQTokenizer
+from ssl_vit.models.dvae import DVAEEncoder
+from ssl_vit.tokenizers.vq import VQTokenizer
 
 N_HID, VOCAB = 16, 64  # the package's validators ask for n_hid >= 64 and vocab >= 512; the layout is the same
 
@@ -526,7 +527,7 @@ def test_a_tokenizer_with_non_finite_weights_is_refused_naming_them(tmp_path):
 def test_a_tokenizer_whose_recorded_stride_is_not_its_layers_is_refused_before_a_run_starts(tmp_path):
     """The description says a code per 4x4 pixels, the convolutions give one per 2x2: BEiT would crop
     its tokenizer view for stride 4 and fail at the first step. The run's build refuses it."""
-    from ssl_vit import config
+    from ssl_vit import recipes
     from ssl_vit.tasks import build
 
     path = write_tokenizer(tmp_path / "tokenizer.safetensors", edit_description=lambda d: d.update(stride=4))
@@ -536,7 +537,7 @@ def test_a_tokenizer_whose_recorded_stride_is_not_its_layers_is_refused_before_a
     other = write_tokenizer(tmp_path / "vocab.safetensors", edit_description=lambda d: d.update(vocab_size=99))
     with pytest.raises(CheckpointError, match=rf"{other} records vocab_size 99, but its layers give 16"):
         load_tokenizer(other)
-    cfg = config.load(["recipe=beit_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+    cfg = recipes.load(["recipe=beit_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                        "model.patch_size=8", "task.num_mask_patches=6", "task.min_mask_patches_per_block=2",
                        f"task.tokenizer.path={path}"])
     with pytest.raises(CheckpointError, match=message):

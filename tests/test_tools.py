@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import ROOT, free_port, main_script
 from conftest import run_command as run
-from ssl_vit import config, create_encoder, export_model, load_weights
-from ssl_vit.predict_command import predict
+from ssl_vit import recipes, create_encoder, export_model, load_weights
+from ssl_vit.cli.predict import predict
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
 
@@ -58,7 +58,7 @@ def test_linear_probe_with_cached_features(tmp_path, env, backbone):
     assert m["num_samples"] == 360 and m["best_lr_scale"] in (1, 100) and len(m["heads"]) == 2
     assert m["top1"] == max(h["top1"] for h in m["heads"])
     # the frozen encoder is unchanged; the best head exports folded into a timm classifier
-    assert config.load([f"recipe={out / 'config.yaml'}"]).model.embed_dim == 32
+    assert recipes.load([f"recipe={out / 'config.yaml'}"]).model.embed_dim == 32
     exported = json.loads((out / "model.json").read_text())
     timm_model = eval(exported["load_with_timm"], {"timm": timm}).eval()
     original = create_encoder("vit_tiny_patch16", **{k: v for k, v in exported["encoder"].items()
@@ -84,10 +84,10 @@ def test_linear_probe_of_a_random_encoder_with_augmentation(tmp_path, env):
 PROBE_PATHS = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from ssl_vit import config
+from ssl_vit import config, recipes
 from itertools import islice
-from ssl_vit.train import Trainer
-cfg = config.load(["recipe=linprobe_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+from ssl_vit.run import Trainer
+cfg = recipes.load(["recipe=linprobe_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                    "model.patch_size=8", "data.num_workers=0", "data.train_transform={transform}",
                    "train.output_dir={out}"])
 trainer = Trainer(cfg)
@@ -146,9 +146,9 @@ def test_evaluation_commands_need_an_init(tmp_path, env, monkeypatch, capsys):
     result = run([*tool("finetune"), "recipe=finetune_digits", f"train.output_dir={tmp_path}"], env, expect=2)
     assert "init=random" in result.stderr and "Traceback" not in result.stderr
     # ... then every command in this process (the signal handlers of a run stay out of pytest's)
-    from ssl_vit import commands, run_state
+    from ssl_vit.cli import commands
 
-    monkeypatch.setattr(run_state, "catch_stop_signals_early", lambda: None)
+    monkeypatch.setattr(commands, "catch_stop_signals_early", lambda: None)
     for command, args, message in (
             (commands.finetune, ["recipe=finetune_digits"], "init=random"),
             (commands.linear_probe, ["recipe=linprobe_digits"], "init=random"),
@@ -164,20 +164,20 @@ VALIDATION = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 from accelerate import Accelerator
-from ssl_vit import config, load_weights
+from ssl_vit import config, recipes, load_weights
 from ssl_vit.data import DeviceNormalize
-from ssl_vit.evaluate import Evaluator
+from ssl_vit.eval import TopKAccuracy
 from ssl_vit.tasks import build
-cfg = config.load(["recipe=finetune_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+cfg = recipes.load(["recipe=finetune_digits", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                    "model.patch_size=8", "data.batch_size=50"])
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
 task = build(cfg, 10).to(accelerator.device)
 normalize = DeviceNormalize(cfg.data.mean, cfg.data.std)
-result = Evaluator(cfg, task, accelerator, normalize, 10)()
+result = TopKAccuracy(cfg, task, accelerator, normalize, 10).measure()
 if accelerator.is_main_process:
     json.dump(result, open({out!r}, "w"))
-from ssl_vit.train import close_processes
+from ssl_vit.run import close_processes
 close_processes(accelerator)
 """
 

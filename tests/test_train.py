@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import free_port, main_script
-from ssl_vit import config
-from ssl_vit.optim import Schedule
-from ssl_vit.train import make_plan
+from ssl_vit import config, recipes
+from ssl_vit.run.optim import Schedule
+from ssl_vit.run import make_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = str(ROOT / "pretrain.py")
@@ -52,12 +52,12 @@ def log_lines(out, evaluations=False):
 
 
 def test_plan_derives_accumulation_and_steps():
-    cfg = config.load(["recipe=mae_base", "data.batch_size=64"])
+    cfg = recipes.load(["recipe=mae_base", "data.batch_size=64"])
     plan = make_plan(cfg, world_size=8, samples_per_epoch=1281167)
     assert (plan.accumulation, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (8, 312, 249600, 12480)
     assert plan.base_lr == pytest.approx(1.5e-4 * 4096 / 256)
     with pytest.raises(config.ConfigError, match="not a multiple of data.batch_size=48"):
-        make_plan(config.load(["recipe=mae_base", "data.batch_size=48"]), world_size=8, samples_per_epoch=10 ** 6)
+        make_plan(recipes.load(["recipe=mae_base", "data.batch_size=48"]), world_size=8, samples_per_epoch=10 ** 6)
 
 
 def test_schedule_is_linear_warmup_then_cosine():
@@ -71,11 +71,11 @@ def test_the_step_schedule_drops_at_its_milestones():
     schedule = Schedule(base_lr=1.0, min_lr=0.0, warmup_steps=10, total_steps=100, milestones=(50, 80), gamma=0.1)
     assert schedule(5) == pytest.approx(0.5) and schedule(10) == schedule(49) == 1.0
     assert schedule(50) == pytest.approx(0.1) and schedule(79) == pytest.approx(0.1) and schedule(80) == pytest.approx(0.01)
-    cfg = config.load(["recipe=simmim_vit_base"])  # SimMIM's: / 10 at epoch 700 of 800
+    cfg = recipes.load(["recipe=simmim_vit_base"])  # SimMIM's: / 10 at epoch 700 of 800
     plan = make_plan(cfg, world_size=16, samples_per_epoch=1281167)
     assert plan.milestones == (700 * plan.steps_per_epoch,)
     with pytest.raises(config.ConfigError, match="optim.schedule=step needs optim.lr_milestones"):
-        config.load(["recipe=mae_base", "optim.schedule=step"])
+        recipes.load(["recipe=mae_base", "optim.schedule=step"])
 
 
 SHORT_RUN = ["train.max_steps=6", "train.checkpoint_every=4", "log.images_every=3"]
@@ -110,7 +110,7 @@ def test_a_short_run_trains_logs_checkpoints_and_exports(short_run):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/img_s"} <= set(accumulator.Tags()["scalars"])
     assert "reconstructions" in accumulator.Tags()["images"]
     # the resolved config is a recipe again
-    again = config.load([f"recipe={out / 'config.yaml'}"])
+    again = recipes.load([f"recipe={out / 'config.yaml'}"])
     assert again.model.embed_dim == 32 and again.train.max_steps == 6
     # the exported backbone is a timm model with the same features
     description = json.loads((out / "backbone.json").read_text())
@@ -247,9 +247,9 @@ def test_two_processes_train_with_the_same_global_batch_and_schedule(tmp_path, c
 GRADIENTS = """
 import os, sys, torch
 sys.path.insert(0, {root!r})
-from ssl_vit import config
-from ssl_vit.train import Trainer
-cfg = config.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}"])
+from ssl_vit import config, recipes
+from ssl_vit.run import Trainer
+cfg = recipes.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}"])
 trainer = Trainer(cfg)
 g = torch.Generator().manual_seed(0)
 images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -259,7 +259,7 @@ per = 32 // world // trainer.plan.accumulation
 micro = [dict(images=images[i * per:(i + 1) * per], noise=noise[i * per:(i + 1) * per],
               labels=torch.zeros(per, dtype=torch.long))
          for i in range(rank * trainer.plan.accumulation, (rank + 1) * trainer.plan.accumulation)]
-trainer.accumulate_gradients(micro)
+trainer.step.accumulate_gradients(micro)
 if rank == 0:
     torch.save({{n: p.grad for n, p in trainer.task.named_parameters()}}, "{out}/grads.pt")
 trainer.close()
@@ -321,9 +321,9 @@ def test_slurm_script_checkpoints_at_the_time_limit_and_requeues(tmp_path, cache
 FLAGS = """
 import json, math, sys, torch
 sys.path.insert(0, {root!r})
-from ssl_vit import config
-from ssl_vit.train import Trainer
-cfg = config.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}", *{flags!r}])
+from ssl_vit import config, recipes
+from ssl_vit.run import Trainer
+cfg = recipes.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}", *{flags!r}])
 trainer = Trainer(cfg)
 calls, dtypes = [0], set()
 block = trainer.encoder.blocks[0]
@@ -364,9 +364,10 @@ def test_bf16_and_gradient_checkpointing_take_effect(tmp_path, cache, flags, pre
 SYNCS = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from ssl_vit import config
-from ssl_vit.train import Trainer, _Window
-cfg = config.load(["recipe={recipe}", *{tiny!r}, "train.output_dir={out}", *{extra!r}])
+from ssl_vit import config, recipes
+from ssl_vit.run import Trainer
+from ssl_vit.run.logbook import Window as _Window
+cfg = recipes.load(["recipe={recipe}", *{tiny!r}, "train.output_dir={out}", *{extra!r}])
 trainer = Trainer(cfg)
 g = torch.Generator().manual_seed(0)
 def micro():
@@ -391,7 +392,7 @@ for n in names:
     setattr(torch.Tensor, n, originals[n])
 summary = window.summary()
 print(json.dumps(dict(reads_per_step=per_step, what=sorted(set(reads)), loss=summary["loss"],
-                      skip_on_device=trainer.skip_on_device)))
+                      skip_on_device=trainer.step.on_device)))
 """
 
 

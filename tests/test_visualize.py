@@ -10,11 +10,12 @@ from PIL import Image
 
 from conftest import ROOT, TINY_VIT
 from conftest import run_command as run
-from ssl_vit import config, create_encoder, pictures as viz
+from ssl_vit import config, recipes, create_encoder
+from ssl_vit.tasks import pictures as viz
 from ssl_vit.models.vit_attention import AttentionRecorder, attention_rollout, class_token_attention, recompute_attention
 from ssl_vit.tasks import MAE
 from ssl_vit.data import DeviceNormalize
-from ssl_vit.visualize_command import VisualizeConfig, load_images, visualize
+from ssl_vit.cli.visualize import VisualizeConfig, load_images, visualize
 
 IMG, PATCH = 32, 8
 TINY = dict(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2)
@@ -225,7 +226,7 @@ def test_official_mae_checkpoints_are_read_from_their_shapes(tmp_path, photo, ca
                       f"out={tmp_path / 'tool.png'}"]) == 0
     assert "norm_pix_loss=False" in capsys.readouterr().out
 
-    cfg = config.load(["recipe=mae_base", "model.img_size=32", f"images={photo}"], schema=VisualizeConfig)
+    cfg = recipes.load(["recipe=mae_base", "model.img_size=32", f"images={photo}"], schema=VisualizeConfig)
     normalize = DeviceNormalize(cfg.data.mean, cfg.data.std)
     noise = torch.rand(1, 16, generator=torch.Generator().manual_seed(1))
     expected = viz.reconstruction_grid(model.reconstruct(normalize(load_images(cfg)), noise), normalize.denormalize)

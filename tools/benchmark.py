@@ -116,7 +116,7 @@ def bench_data(args) -> dict:
     from torch.utils.data import DataLoader, Dataset
     from torchvision.datasets import ImageFolder
 
-    from ssl_vit import config
+    from ssl_vit import recipes
     from ssl_vit.data import build_train_loader
     from ssl_vit.data.writer import items_from_image_folder, write_shards
 
@@ -129,7 +129,7 @@ def bench_data(args) -> dict:
     write_shards(items, classes, work / "shards" / "bench", max_count=100, progress=False, overwrite=True)
     steps = args.batches
 
-    cfg = config.load(["recipe=mae_base", f"data.train={work / 'shards' / 'bench.json'}",
+    cfg = recipes.load(["recipe=mae_base", f"data.train={work / 'shards' / 'bench.json'}",
                        f"data.num_workers={args.workers}", f"data.batch_size={args.batch}",
                        f"model.img_size={args.img_size}"])
     ours = build_train_loader(cfg, batches_per_epoch=steps)
@@ -214,14 +214,14 @@ def mae_step_worker(args) -> dict:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ssl_vit import config
-    from ssl_vit.flops import training_flops_per_image
+    from ssl_vit import recipes
+    from ssl_vit.run.flops import training_flops_per_image
     from ssl_vit.tasks import build
 
     torch.manual_seed(0)
     device = torch.device(bench_device(args.device))
     overrides = args.set if args.set is not None else [f"model.arch={args.arch}"]
-    cfg = config.load([f"recipe={args.recipe}", *overrides])
+    cfg = recipes.load([f"recipe={args.recipe}", *overrides])
     model = build(cfg).to(device)
     if args.set is None:
         # set on the module, not the recipe: with nothing masked (the "no masking" row) the loss is 0 / 0,
@@ -290,7 +290,7 @@ def bench_mae(args) -> dict:
 
     import torch
 
-    from ssl_vit.flops import gpu_peak_flops, measured_matmul_peak, native_bf16
+    from ssl_vit.run.flops import gpu_peak_flops, measured_matmul_peak, native_bf16
 
     device = torch.device(bench_device(args.device))
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.precision]
@@ -363,7 +363,7 @@ def bench_mim(args) -> dict:
 
     import torch
 
-    from ssl_vit.flops import measured_matmul_peak
+    from ssl_vit.run.flops import measured_matmul_peak
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.precision]
     torch.set_num_threads(os.cpu_count() or 1)
@@ -398,13 +398,13 @@ def bench_mim(args) -> dict:
 
 
 def bench_memory(args) -> dict:
-    """Memory per GPU of recipes, counted from their models (ssl_vit/memory.py), DDP vs FSDP."""
-    from ssl_vit import config
-    from ssl_vit.memory import table
+    """Memory per GPU of recipes, counted from their models (ssl_vit/run/memory.py), DDP vs FSDP."""
+    from ssl_vit import recipes
+    from ssl_vit.run.memory import table
 
     figures = {}
     for recipe in args.recipe:
-        cfg = config.load([f"recipe={recipe}", *args.set])
+        cfg = recipes.load([f"recipe={recipe}", *args.set])
         text, numbers = table(cfg, tuple(args.gpus), args.gpu_memory)
         print(text + "\n")
         figures.update({f"{recipe}_{k}": v for k, v in numbers.items()})
@@ -416,12 +416,13 @@ def bench_checkpoint(args) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from ssl_vit import config
-    from ssl_vit.optim import build_optimizer
-    from ssl_vit.run_state import Checkpoints, TrainState, damaged
+    from ssl_vit import recipes
+    from ssl_vit.run.optim import build_optimizer
+    from ssl_vit.run.checkpoints import Checkpoints, damaged
+    from ssl_vit.run.state import TrainState
     from ssl_vit.tasks import task_class
 
-    cfg = config.load([f"recipe={args.recipe}", "train.precision=no"])
+    cfg = recipes.load([f"recipe={args.recipe}", "train.precision=no"])
     task = task_class(cfg.task.name).build(cfg)
     optimizer = build_optimizer(cfg.optim, task)
     for param in task.parameters():  # AdamW's two moments exist after a step: give it one

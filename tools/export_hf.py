@@ -6,7 +6,7 @@
     python tools/export_hf.py runs/mae_tiny_digits/model.safetensors hf/mae_tiny_digits                # ViTMAEForPreTraining
 
 Then, offline: transformers.AutoModel.from_pretrained("hf/mae_tiny_digits_backbone") (or the class named in
-config.json's "architectures"). See ssl_vit/hf_export.py for what transformers' ViT can express.
+config.json's "architectures"). See ssl_vit/weights/hf.py for what transformers' ViT can express.
 """
 import argparse
 import sys
@@ -20,8 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("export", help="our backbone.safetensors or model.safetensors (its JSON beside it)")
     parser.add_argument("out", help="the folder to write (config.json, model.safetensors)")
     args = parser.parse_args(argv)
-    from ssl_vit.checkpoint import CheckpointError
-    from ssl_vit.hf_export import export_hf
+    from ssl_vit.weights import CheckpointError
+    from ssl_vit.weights.hf import export_hf
 
     try:
         out = export_hf(args.export, args.out)

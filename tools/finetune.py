@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ssl_vit.commands import finetune  # noqa: E402
+from ssl_vit.cli.commands import finetune  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(finetune(sys.argv[1:]))

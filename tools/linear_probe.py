@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ssl_vit.commands import linear_probe  # noqa: E402
+from ssl_vit.cli.commands import linear_probe  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(linear_probe(sys.argv[1:]))

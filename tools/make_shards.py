@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ssl_vit.arguments import parse_bool, positive_int  # noqa: E402  (after the path: a checkout without install)
+from ssl_vit.cli.arguments import parse_bool, positive_int  # noqa: E402  (after the path: a checkout without install)
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ssl_vit.visualize_command import visualize  # noqa: E402
+from ssl_vit.cli.visualize import visualize  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(visualize(sys.argv[1:]))

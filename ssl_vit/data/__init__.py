@@ -5,6 +5,8 @@
     build_eval_loader(cfg, ...)   -> EvalData: every sample of the split once over all ranks
     batches are {"images": uint8 [B, 3, H, W], "labels": int64 [B], "keys": [str]};
     DeviceNormalize turns the images into normalised floats on the device.
+    Transform: the protocol of a training transform (decode once, then augment into one view or a
+    dict of views of one crop), written in transforms.py.
 """
 import importlib
 
@@ -12,7 +14,7 @@ _PUBLIC = {
     "build_train_loader": "loaders", "build_eval_loader": "loaders", "shard_source": "loaders",
     "samples_per_epoch": "loaders", "num_classes": "loaders", "TrainData": "loaders", "EvalData": "loaders",
     "FeatureData": "features",
-    "DeviceNormalize": "transforms",
+    "DeviceNormalize": "transforms", "Transform": "transforms", "as_transform": "transforms",
 }
 __all__ = list(_PUBLIC)
 

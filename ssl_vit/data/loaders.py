@@ -6,7 +6,7 @@ from typing import Iterator, Optional
 
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError
+from ..config import MAKE_SHARDS_HINT, ConfigError
 from .digits import digits_index
 from .sources import ShardSource, read_index, resolve
 from .stream import ShardStream, make_loader
@@ -20,9 +20,8 @@ def shard_source(cfg, split: str) -> ShardSource:
         return read_index(digits_index(split), f"digits {split}")
     spec = cfg.data[split]
     if not spec:
-        from ..config import check_data
-
-        check_data(cfg, [split])
+        raise ConfigError(f"data.{split} is required by recipe {cfg.recipe!r} (data.name=shards): {MAKE_SHARDS_HINT} "
+                          "-- or try the embedded digits data with data.name=digits")
     return resolve(spec if isinstance(spec, str) else list(spec), f"data.{split}")
 
 

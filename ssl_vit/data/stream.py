@@ -29,14 +29,15 @@ import os
 import random
 import sys
 import zlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 from webdataset.utils import make_seed
 
-from .transforms import IMAGE_KEYS
+from .transforms import IMAGE_KEYS, Transform, as_transform
+from .worker_start import start_worker, worker_start_method
 
 REPORT_EVERY = 1000
 PASS_END = "__pass_end__"  # marks the end of one pass over a slot's shards, with how many samples it read
@@ -57,7 +58,7 @@ class ErrorCounter:
 
 
 class ShardStream(IterableDataset):
-    def __init__(self, urls: list[str], transform: Callable[[bytes], torch.Tensor], *, batch_size: int,
+    def __init__(self, urls: list[str], transform: Union[Transform, Callable[[bytes], torch.Tensor]], *, batch_size: int,
                  training: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, batches_per_epoch: Optional[int] = None,
                  counts: Optional[list[int]] = None, key_range: tuple[float, float] = (0.0, 1.0),
@@ -65,7 +66,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         if training and not batches_per_epoch:
             raise ValueError("a training stream needs batches_per_epoch")
-        self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
+        self.urls, self.transform, self.batch_size = list(urls), as_transform(transform), batch_size
         self.counts = list(counts) if counts else None
         self.key_range, self.repeated_aug = tuple(key_range), repeated_aug
         self.require_labels, self.num_classes = require_labels, num_classes
@@ -222,15 +223,13 @@ class ShardStream(IterableDataset):
         return None
 
     def _decode(self, sample: dict, views: int, slot: int, position: int) -> tuple[list[torch.Tensor], int]:
-        """The image decoded once (where the transform allows: see transforms.PILTransform) and
+        """The image decoded once (the transform's `decode`: transforms.Transform) and
         augmented `views` times, each view from its own seed, so a resumed run sees the same crops."""
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None:
             raise ValueError(f"no image in sample (has {sorted(k for k in sample if not k.startswith('__'))})")
         label = int(sample["cls"]) if "cls" in sample else -1
-        decode = getattr(self.transform, "decode", None)
-        augment = getattr(self.transform, "augment", self.transform)
-        source = decode(sample[key]) if decode is not None else sample[key]
+        source = self.transform.decode(sample[key])
         images = []
         for view in range(views):
             if self.training:
@@ -240,7 +239,7 @@ class ShardStream(IterableDataset):
                 # accelerator backend, formatting a stack trace each time (~1 ms per sample)
                 torch.default_generator.manual_seed(sample_seed)
                 random.seed(sample_seed)
-            images.append(augment(source))
+            images.append(self.transform.augment(source))
         return images, label
 
     @staticmethod
@@ -270,8 +269,6 @@ def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
     """Batches are made in the workers; the DataLoader only moves them (batch_size=None). It gets
     its own generator: drawing worker seeds from the global one at every epoch would shift the
     training RNG (MAE's masks) differently in a resumed run."""
-    from .worker_start import start_worker, worker_start_method
-
     num_workers = min(num_workers, os.cpu_count() or 1)  # more workers than cores only adds contention
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers else None, persistent_workers=False,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -61,7 +61,39 @@ def _torchvision_jpeg(data: bytes) -> Optional[torch.Tensor]:
         return None
 
 
-class RandomResizedCropFlip:
+class Transform:
+    """What the loaders ask of a transform: a sample's encoded bytes -> its view (a uint8 image
+    [C, H, W], or a dict of such views of one crop, each stacked into the batch under its key: BEiT's
+    model and tokenizer views). In two steps, so that repeated augmentation decodes an image once for
+    its k views: `decode(bytes)` (once per sample; by default nothing: the bytes themselves), then
+    `augment(decoded)` (once per view, from the view's own RNG seed). A plain function of the bytes is
+    wrapped as one (`as_transform`)."""
+
+    def decode(self, data: bytes) -> Any:
+        return data
+
+    def augment(self, source: Any) -> Union[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def __call__(self, data: bytes) -> Union[torch.Tensor, dict]:
+        return self.augment(self.decode(data))
+
+
+class FunctionTransform(Transform):
+    """A function of the bytes as a Transform (nothing decoded apart)."""
+
+    def __init__(self, function: Callable[[bytes], Any]):
+        self.function = function
+
+    def augment(self, source: bytes) -> Union[torch.Tensor, dict]:
+        return self.function(source)
+
+
+def as_transform(transform: Union[Transform, Callable[[bytes], Any]]) -> Transform:
+    return transform if isinstance(transform, Transform) else FunctionTransform(transform)
+
+
+class RandomResizedCropFlip(Transform):
     """torchvision's RandomResizedCrop (same parameter draws) + horizontal flip, bicubic.
 
     A JPEG whose crop is at least twice the output is decoded by PIL at 1/2, 1/4 or 1/8 scale in
@@ -74,7 +106,8 @@ class RandomResizedCropFlip:
         self.size, self.scale, self.hflip = list(size), tuple(scale), hflip
         self.ratio = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range, as MAE and DeiT use
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def augment(self, data: bytes) -> torch.Tensor:
+        """From the bytes themselves: a JPEG is decoded here, at the scale its crop needs."""
         image = Image.open(io.BytesIO(data))
         full_width, full_height = image.size
         top, left, height, width = RandomResizedCrop.get_params(image, self.scale, self.ratio)
@@ -103,26 +136,22 @@ class RandomResizedCropFlip:
         return pixels
 
 
-class PILTransform:
-    """A PIL-based transform (timm's) that ends in a uint8 tensor. `decode` and `augment` apart let
-    repeated augmentation decode an image once for its k views (timm's transforms return new images)."""
+class PILTransform(Transform):
+    """A PIL-based transform (timm's) that ends in a uint8 tensor; the image is decoded once for its
+    views (timm's transforms return new images)."""
 
     def __init__(self, transform: Callable):
         self.transform = transform
 
-    @staticmethod
-    def decode(data: bytes) -> Image.Image:
+    def decode(self, data: bytes) -> Image.Image:
         return decode_pil(data)
 
     def augment(self, image: Image.Image) -> torch.Tensor:
         image = self.transform(image)
         return image if isinstance(image, torch.Tensor) else pil_to_uint8(image)
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        return self.augment(self.decode(data))
 
-
-def build_transform(data_cfg, img_size: Sequence[int], training: bool) -> Callable[[bytes], torch.Tensor]:
+def build_transform(data_cfg, img_size: Sequence[int], training: bool) -> Transform:
     """The worker-side transform of a split: encoded bytes -> uint8 [3, H, W]."""
     from timm.data import create_transform
 

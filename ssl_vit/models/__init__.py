@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 from . import timm_models, vit  # noqa: F401  (registers the built-in families)
 from . import beit  # noqa: F401,E402  (after our ViT: messages and --help name the ViT first)
 from . import swin  # noqa: F401,E402  (Swin Transformer: timm's SwinTransformer + SimMIM's mask-token forward)
-from .base import (CheckpointError, EncoderFamily, LoadReport, family_for_arch, family_of, register_family,
-                   registered_families)
+from . import dvae  # noqa: F401,E402  (the discrete VAE's encoder: tasks/dvae.py trains it, tokenizers/vq.py uses it)
+from ..config import CheckpointError
+from .base import EncoderFamily, LoadReport, family_for_arch, family_of, register_family, registered_families
 from .vit import ARCHS, VisionTransformer, sincos_2d_pos_embed
 
 __all__ = ["ARCHS", "CheckpointError", "EncoderFamily", "LoadReport", "VisionTransformer", "build_encoder",

@@ -39,11 +39,7 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError, ModelConfig
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
+from ..config import CheckpointError, ConfigError, ModelConfig
 
 
 @dataclass
@@ -107,6 +103,12 @@ class EncoderFamily:
         return drop_other_heads(encoder, state, report)
 
     @classmethod
+    def fsdp_units(cls, encoder: nn.Module) -> list[nn.Module]:
+        """The modules FSDP shards one by one (gathered one at a time in the forward and backward:
+        the encoder's blocks); [] to shard the encoder with its task as one unit."""
+        return []
+
+    @classmethod
     def backbone_state(cls, encoder: nn.Module) -> dict[str, torch.Tensor]:
         """The encoder's tensors without its classifier heads."""
         classifier = classifier_prefixes(encoder)
@@ -146,6 +148,12 @@ def named_size_kwargs(arch: str, archs: Mapping[str, Mapping[str, Any]], options
         raise TypeError(f"create_encoder({arch!r}) got unknown option(s) {sorted(unknown)}; "
                         f"valid options: {', '.join(valid)}")
     return {**archs[arch], **{k: v for k, v in options.items() if v is not None}}
+
+
+def recipe_size(cfg, archs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The options a recipe's `model:` section gives a family's named size (`archs[model.arch]`), its
+    own keys over the size's (None: the size's own)."""
+    return {**archs[cfg.model.arch], **{k: v for k, v in cfg.model.items() if v is not None and k != "arch"}}
 
 
 def check_positive(cfg, *keys: str) -> None:

@@ -35,10 +35,11 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed, resize_rel
 from timm.models._manipulate import checkpoint
 from timm.models.beit import Beit
 
-from ..config import ConfigError, ModelConfig, check_choice
-from .base import (CheckpointError, EncoderFamily, LoadReport, check_positive, drop_other_heads, named_size_kwargs,
+from ..config import CheckpointError, ConfigError, ModelConfig, check_choice
+from .base import (EncoderFamily, LoadReport, check_positive, drop_other_heads, named_size_kwargs, recipe_size,
                    register_family, shape_text)
 from .mask_token import new_mask_token, replace_masked_patches
+from .vit_attention import attention_maps
 from .vit_options import check_divisible, pair
 
 # BEiT-B and BEiT-L (Bao et al. 2022: the ViT-B and ViT-L shapes); layer scale 0.1 for Base and 1e-5 for
@@ -248,7 +249,7 @@ class BEiTFamily(EncoderFamily):
     def validate(cls, cfg) -> None:
         check_positive(cfg, "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
         check_choice(cfg, "model.global_pool", ("avg", "token"))
-        m = {**ARCHS[cfg.model.arch], **{k: v for k, v in cfg.model.items() if v is not None and k != "arch"}}
+        m = recipe_size(cfg, ARCHS)
         try:
             check_options(global_pool=m["global_pool"], embed_dim=m["embed_dim"], num_heads=m["num_heads"],
                           layer_scale_init=m["layer_scale_init"])
@@ -265,6 +266,10 @@ class BEiTFamily(EncoderFamily):
         """A named size; any constructor argument of `BEiT` may be overridden."""
         arch = options.pop("arch", arch)
         return BEiT(arch=arch, **named_size_kwargs(arch, ARCHS, options, ENCODER_OPTIONS))
+
+    @classmethod
+    def fsdp_units(cls, encoder: BEiT) -> list[nn.Module]:
+        return list(encoder.blocks)
 
     @classmethod
     def fit_state_dict(cls, encoder: BEiT, state: dict[str, torch.Tensor], metadata: Mapping[str, str],
@@ -364,8 +369,6 @@ class BEiTFamily(EncoderFamily):
     @classmethod
     def attention_maps(cls, encoder: BEiT, images: torch.Tensor, *, layer: int = -1, heads: bool = True,
                        rollout: bool = False) -> dict[str, torch.Tensor]:
-        from .vit_attention import attention_maps
-
         return attention_maps(encoder, images, layer=layer, heads=heads, rollout=rollout,
                               recompute=recompute_beit_attention)
 

@@ -38,26 +38,12 @@ from einops import rearrange
 from timm.models.swin_transformer import SwinTransformer
 
 from ..config import ConfigError, ModelConfig
-from .base import EncoderFamily, LoadReport, check_positive, named_size_kwargs, register_family
+from .base import EncoderFamily, LoadReport, check_positive, named_size_kwargs, recipe_size, register_family
 from .mask_token import new_mask_token, replace_masked_patches
+from .swin_sizes import ARCHS, SIZES
+from .swin_attention import attention_maps
+from .swin_weights import config_from_state, fit_state_dict, timm_equivalent
 from .vit_options import pair
-
-# Liu et al. 2021 §3.3: Swin-T / S / B / L are C = 96 / 96 / 128 / 192 wide with {2, 2, 6, 2} or
-# {2, 2, 18, 2} blocks per stage, heads of d = 32 channels, windows of M = 7 at 224 px. Windows of 12
-# at 384 px (the paper's 384 fine-tuning, table 1) and of 6 at 192 px (SimMIM's pre-training of
-# Swin-B, Xie et al. 2022 §4.1; microsoft/SimMIM configs *_img192_window6_*).
-SIZES = {
-    "tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]),
-    "small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24]),
-    "base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32]),
-    "large": dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48]),
-}
-WINDOWS = {7: 224, 6: 192, 12: 384}  # window -> the image size it goes with
-ARCHS: dict[str, dict[str, Any]] = {
-    f"swin_{size}_patch4_window{window}": dict(patch_size=4, window_size=window, img_size=image, mlp_ratio=4.0,
-                                                **shape)
-    for size, shape in SIZES.items() for window, image in WINDOWS.items()}
-
 
 @dataclass
 class SwinConfig(ModelConfig):
@@ -257,7 +243,7 @@ class SwinFamily(EncoderFamily):
     @classmethod
     def validate(cls, cfg) -> None:
         check_positive(cfg, "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio")
-        m = {**ARCHS[cfg.model.arch], **{k: v for k, v in cfg.model.items() if v is not None and k != "arch"}}
+        m = recipe_size(cfg, ARCHS)
         try:
             depths = _ints(_plain(m["depths"]), "depths", key="model.")
             num_heads = _ints(_plain(m["num_heads"]), "num_heads", key="model.")
@@ -274,10 +260,12 @@ class SwinFamily(EncoderFamily):
         return Swin(arch=arch, **named_size_kwargs(arch, ARCHS, options, ENCODER_OPTIONS))
 
     @classmethod
+    def fsdp_units(cls, encoder: Swin) -> list[nn.Module]:
+        return [block for layer in encoder.layers for block in layer.blocks]
+
+    @classmethod
     def fit_state_dict(cls, encoder: Swin, state: dict[str, torch.Tensor], metadata: Mapping[str, str],
                        report: LoadReport) -> dict[str, torch.Tensor]:
-        from .swin_weights import fit_state_dict
-
         return fit_state_dict(encoder, state, report)
 
     @classmethod
@@ -287,15 +275,11 @@ class SwinFamily(EncoderFamily):
 
     @classmethod
     def timm_equivalent(cls, config: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-        from .swin_weights import timm_equivalent
-
         return timm_equivalent(config)
 
     @classmethod
     def config_from_state(cls, state: Mapping[str, torch.Tensor], num_heads: Optional[int] = None,
                           recipe: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-        from .swin_weights import config_from_state
-
         return config_from_state(state)
 
     @classmethod
@@ -305,8 +289,6 @@ class SwinFamily(EncoderFamily):
     @classmethod
     def attention_maps(cls, encoder: Swin, images: torch.Tensor, *, layer: int = -1, heads: bool = True,
                        rollout: bool = False) -> dict[str, torch.Tensor]:
-        from .swin_attention import attention_maps
-
         return attention_maps(encoder, images, layer=layer, heads=heads, rollout=rollout)
 
 

@@ -26,7 +26,9 @@ from typing import Any, Mapping, Optional
 import torch
 from timm.models.swin_transformer import checkpoint_filter_fn
 
-from .base import CheckpointError, LoadReport, drop_other_heads, shape_text
+from ..config import CheckpointError
+from .base import LoadReport, drop_other_heads, shape_text
+from .swin_sizes import ARCHS, WINDOWS
 
 ENCODER = "encoder."
 BUFFERS = ("relative_position_index", "attn_mask")   # saved by Microsoft's code, rebuilt here
@@ -39,7 +41,7 @@ def fit_state_dict(encoder, state: dict[str, torch.Tensor], report: LoadReport) 
     """A file's encoder tensors (keys relative to the encoder) -> this module's layout and shapes."""
     state = _without_encoder_prefix(encoder, state, report)
     microsoft = MICROSOFT_DOWNSAMPLE in state
-    if microsoft and report.format.startswith(("timm", "unrecognised")):
+    if microsoft and report.format.startswith(("timm", "unrecognised", "SimMIM")):  # SimMIM's Swin files: Microsoft's keys
         report.format = "Microsoft / SimMIM Swin"
     _check_same_architecture(encoder, state)
     buffers = [k for k in state if k.endswith(BUFFERS)]
@@ -107,8 +109,6 @@ def config_from_state(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """A foreign Swin file's `model:` keys from its tensors (timm's, Microsoft's or SimMIM's layout;
     tools/visualize.py). The image size is read from Microsoft's saved attention masks when present,
     else taken as the one the window was made for (the last stage one window: window x 32)."""
-    from .swin import ARCHS
-
     if any(k.startswith(ENCODER) for k in state):
         state = {k[len(ENCODER):]: v for k, v in state.items() if k.startswith(ENCODER)}
     found = _architecture(state)
@@ -133,8 +133,6 @@ def config_from_state(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 def timm_equivalent(config: Mapping[str, Any]) -> dict[str, Any]:
     """timm's `SwinTransformer` with our options (timm's checkpoint_filter_fn then loads the file
     strictly): named after the timm model of the same size where there is one."""
-    from .swin import WINDOWS
-
     size = config["arch"].split("_")[1]
     window = config["window_size"]
     name = f"swin_{size}_patch4_window{window}_{WINDOWS.get(window)}"

@@ -29,25 +29,12 @@ from timm.models import checkpoint_seq, named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from ..config import ConfigError, ModelConfig, check_choice
-from .base import EncoderFamily, LoadReport, check_positive, named_size_kwargs, register_family
+from .base import EncoderFamily, LoadReport, check_positive, named_size_kwargs, recipe_size, register_family
 from .mask_token import new_mask_token, replace_masked_patches
-from .vit_options import POS_EMBEDS, check_divisible, check_options, hybrid_backbone, pair
+from .vit_attention import attention_maps
+from .vit_options import ARCHS, POS_EMBEDS, check_divisible, check_options, hybrid_backbone, pair
 from .vit_positions import learned_2d_table, sincos_2d_pos_embed
-
-# Widths, depths and heads of the named sizes: ViT-B/L/H from Dosovitskiy et al. 2021, table 1;
-# ViT-Ti/S from DeiT (Touvron et al. 2021, table 1), with an MLP ratio of 4.
-ARCHS: dict[str, dict[str, Any]] = {
-    "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-    # ViT-g/14 (1.0 B) and ViT-G/14 (1.8 B): Zhai et al. 2022, "Scaling Vision Transformers", table 2
-    # (MLP 6144 and 8192 wide: the ratios are those widths over the embedding's)
-    "vit_giant_patch14": dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408),
-    "vit_gigantic_patch14": dict(patch_size=14, embed_dim=1664, depth=48, num_heads=16, mlp_ratio=8192 / 1664),
-}
-
+from .vit_weights import config_from_state, fit_state_dict, timm_equivalent
 
 @dataclass
 class ViTConfig(ModelConfig):
@@ -340,7 +327,7 @@ class ViT(EncoderFamily):
         for key, options in (("model.global_pool", ("token", "avg")), ("model.pos_embed", POS_EMBEDS),
                              ("model.patch_embed", ("conv", "hybrid"))):
             check_choice(cfg, key, options)
-        m = {**ARCHS[cfg.model.arch], **{k: v for k, v in cfg.model.items() if v is not None and k != "arch"}}
+        m = recipe_size(cfg, ARCHS)
         try:
             check_options(global_pool=m["global_pool"], pos_embed=m["pos_embed"], patch_embed=m["patch_embed"],
                           class_token=m["class_token"], dist_token=m["dist_token"], backbone=m.get("backbone"),
@@ -369,9 +356,11 @@ class ViT(EncoderFamily):
     @classmethod
     def fit_state_dict(cls, encoder: VisionTransformer, state: dict[str, torch.Tensor], metadata: Mapping[str, str],
                        report: LoadReport) -> dict[str, torch.Tensor]:
-        from .vit_weights import fit_state_dict
-
         return fit_state_dict(encoder, state, metadata, report)
+
+    @classmethod
+    def fsdp_units(cls, encoder: VisionTransformer) -> list[nn.Module]:
+        return list(encoder.blocks)
 
     @classmethod
     def backbone_state(cls, encoder: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -380,14 +369,10 @@ class ViT(EncoderFamily):
 
     @classmethod
     def config_from_state(cls, state, num_heads: Optional[int] = None, recipe=None) -> dict[str, Any]:
-        from .vit_weights import config_from_state
-
         return config_from_state(state, num_heads=num_heads, recipe=recipe)
 
     @classmethod
     def timm_equivalent(cls, config: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-        from .vit_weights import timm_equivalent
-
         return timm_equivalent(config)
 
     @classmethod
@@ -397,6 +382,4 @@ class ViT(EncoderFamily):
     @classmethod
     def attention_maps(cls, encoder: VisionTransformer, images: torch.Tensor, *, layer: int = -1,
                        heads: bool = True, rollout: bool = False) -> dict[str, torch.Tensor]:
-        from .vit_attention import attention_maps
-
         return attention_maps(encoder, images, layer=layer, heads=heads, rollout=rollout)

@@ -4,11 +4,25 @@ the family's recipe validation (`model:` keys), with the same messages; and the 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch.nn as nn
 
 POS_EMBEDS = ("learn", "learn2d", "sincos")
+
+# Widths, depths and heads of the named sizes: ViT-B/L/H from Dosovitskiy et al. 2021, table 1;
+# ViT-Ti/S from DeiT (Touvron et al. 2021, table 1), with an MLP ratio of 4.
+ARCHS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # ViT-g/14 (1.0 B) and ViT-G/14 (1.8 B): Zhai et al. 2022, "Scaling Vision Transformers", table 2
+    # (MLP 6144 and 8192 wide: the ratios are those widths over the embedding's)
+    "vit_giant_patch14": dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408),
+    "vit_gigantic_patch14": dict(patch_size=14, embed_dim=1664, depth=48, num_heads=16, mlp_ratio=8192 / 1664),
+}
 
 
 def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

@@ -24,14 +24,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from .base import CheckpointError, LoadReport, drop_other_heads, shape_text
-from .vit import ARCHS, VisionTransformer
+from ..config import CheckpointError
+from .base import LoadReport, drop_other_heads, shape_text
+from .vit_options import ARCHS
 from .vit_positions import learned_2d_table, sincos_2d_pos_embed
 
 TABLES_2D = ("pos_embed_row", "pos_embed_col")
 
 
-def fit_state_dict(encoder: VisionTransformer, state: dict[str, torch.Tensor], metadata: Mapping[str, str],
+def fit_state_dict(encoder: nn.Module, state: dict[str, torch.Tensor], metadata: Mapping[str, str],
                    report: LoadReport) -> dict[str, torch.Tensor]:
     """Make a file's tensors (keys relative to the encoder) fit the module's shapes."""
     target = encoder.state_dict()
@@ -75,7 +76,7 @@ def fit_state_dict(encoder: VisionTransformer, state: dict[str, torch.Tensor], m
     return drop_other_heads(encoder, state, report)
 
 
-def _check_same_architecture(state: Mapping[str, torch.Tensor], encoder: VisionTransformer) -> None:
+def _check_same_architecture(state: Mapping[str, torch.Tensor], encoder: nn.Module) -> None:
     file_depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     file_width = state["blocks.0.norm1.weight"].shape[0] if "blocks.0.norm1.weight" in state else None
     if file_width is None and not file_depth:
@@ -103,7 +104,7 @@ def _grid_of(num_tokens: int, metadata: Mapping[str, str], module_grid: tuple[in
     return side, side
 
 
-def _fit_pos_embed(pos: torch.Tensor, encoder: VisionTransformer, file_prefix_tokens: int,
+def _fit_pos_embed(pos: torch.Tensor, encoder: nn.Module, file_prefix_tokens: int,
                    metadata: Mapping[str, str], report: LoadReport) -> torch.Tensor:
     wanted_prefix = encoder.num_prefix_tokens
     if file_prefix_tokens != wanted_prefix:
@@ -122,7 +123,7 @@ def _fit_pos_embed(pos: torch.Tensor, encoder: VisionTransformer, file_prefix_to
                                   num_prefix_tokens=wanted_prefix)
 
 
-def _fit_2d_tables(state: dict[str, torch.Tensor], encoder: VisionTransformer, report: LoadReport,
+def _fit_2d_tables(state: dict[str, torch.Tensor], encoder: nn.Module, report: LoadReport,
                    file_prefix_tokens: int) -> int:
     """A file's learned row and column tables: resampled along their axis (linear) to the module's grid,
     or, for an encoder with a 1-D table, written out as that table (the module's prefix tokens at

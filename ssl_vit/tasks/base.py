@@ -10,15 +10,14 @@ call what is written here and never ask which task they run.
         Config = MAEConfig              # its `task:` keys, a dataclass extending config.TaskConfig
         needs_labels = False            # training batches must carry class labels (model.num_classes)
         trains_encoder = True           # False: the encoder stays frozen (linear probing)
-        evaluation = "knn"              # "top-k": predict() on data.val, every eval.every_epochs and at the end
-                                        # "knn":   the k-NN monitor of the encoder, every eval.knn_every steps
-                                        # "none"
+        evaluation = "knn"              # the protocol it is measured by (eval/protocols.py): "top-k" (predict()
+                                        # on data.val), "knn" (the k-NN monitor of the encoder) or "none"
         encoder_forwards = {"visible"}  # what it asks of the encoder's forward_features (models/base.py)
 
         validate(cfg)                   # its own rules, before anything is built (ConfigError)
-        build(cfg, num_classes)         # the module, from the recipe
-        forward(batch)                  # -> an output with .loss (scalar) and .metrics (dict of 0-d tensors,
-                                        #    kept on the device: the loop reads them when it logs)
+        build(cfg, num_classes)         # the module, from the recipe                        (required)
+        forward(batch)                  # -> a TaskOutput: .loss (scalar) and .metrics (dict of 0-d tensors,
+                                        #    kept on the device: the loop reads them when it logs)  (required)
         describe()                      # what was built, printed at start-up
 
     and, where the defaults below do not fit:
@@ -26,16 +25,22 @@ call what is written here and never ask which task they run.
                                         no_weight_decay, through timm) + the task's own parameters
         no_weight_decay()               its own parameters (outside the encoder) kept out of weight decay
         predict(batch) / summarize(results, selection)   top-k evaluation (a list of logits for several
-                                        heads; choices made on `selection`, the held-out split, if any)
+                                        heads; choices made on `selection`, the held-out split, if any;
+                                        summarize is pure: what it chooses is in the metrics it returns)
         train_transform(cfg, image_size)  a training transform of its own (several views of one crop)
         training_data(run) / validation_batches(rank, world_size, batch_size, split)   data of its own
         picture_split() / pictures(images, denormalize)   what TensorBoard shows every log.images_every
         reconstructs, reconstruct(images, seed)           tools/visualize.py reconstruct
-        export_state()                  model.safetensors (default: its state, encoder keys unprefixed)
+        export_state(evaluation)        model.safetensors (default: its state, encoder keys unprefixed) and any
+                                        other files of its own (a tokenizer), given the evaluation it
+                                        is exported at (a probe folds the head that evaluation chose)
         fit_state_dict(state, metadata, report)   its own tensors in a file -> this module's shapes
-        claims_checkpoint(state) / config_from_state(state, recorded)   reading foreign files
-    A file format that belongs to the task (official MAE with its decoder) is registered beside it
-    with `ssl_vit.checkpoint.register_format`.
+        checkpoint_format(state) / convert_checkpoint(state, module, report)   the task's own file
+                                        format (official MAE with its decoder): recognised by its keys
+                                        (a file claimed by two tasks is an error, whatever the import
+                                        order), and what another module keeps of such a file
+        config_from_state(state, recorded)   the `task:` keys a foreign file implies
+`register_task` refuses a class that lacks `name`, `build` or `forward`, naming it.
 """
 from __future__ import annotations
 
@@ -46,25 +51,35 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, TaskConfig
-from ..models import LoadReport, family_for_arch, family_of
+from ..models import LoadReport, describe_encoder, family_for_arch, family_of
 from ..models.base import register_unique
+from .param_groups import own_param_groups, param_groups
 
 EVALUATIONS = ("top-k", "knn", "none")
 
 
 @dataclass
 class TaskOutput:
+    """What forward returns; a task's own output extends it with keyword-only fields (MAE's pred and
+    mask), e.g. `@dataclass(kw_only=True) class MAEOutput(TaskOutput)`."""
     loss: torch.Tensor                  # scalar
     metrics: dict = field(default_factory=dict)
+
+
+def images_of(batch: Union[dict, torch.Tensor]) -> torch.Tensor:
+    """A batch's images: forward(batch) takes the loader's dict, or the images alone (tests, tools)."""
+    return batch["images"] if isinstance(batch, dict) else batch
 
 
 @dataclass
 class ModelExport:
     """What model.safetensors holds: tensors, the encoder config to rebuild it, and whether the file
-    is a plain timm model (then its JSON carries the timm.create_model command)."""
+    is a plain timm model (then its JSON carries the timm.create_model command); `files`: other files
+    of the task's, {name: write(path)}, written beside it (the dVAE's tokenizer.safetensors)."""
     state: dict
     encoder_config: dict
     timm_loadable: bool = True
+    files: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -133,20 +148,10 @@ class Task(nn.Module):
     def build(cls, cfg, num_classes: int = 0) -> "Task":
         raise NotImplementedError
 
-    @classmethod
-    def required_splits(cls, cfg) -> tuple[str, ...]:
-        """The data splits a run of this task reads: training, and validation when it evaluates."""
-        evaluates = cls.evaluation == "top-k" or (cls.evaluation == "knn" and cfg.eval.knn_every > 0)
-        return ("train", "val") if evaluates else ("train",)
-
-    @classmethod
-    def uses_labels(cls, cfg) -> bool:
-        """Whether the run needs class labels (and so the number of classes)."""
-        return cls.needs_labels or (cls.evaluation == "knn" and cfg.eval.knn_every > 0)
+    def forward(self, batch: dict) -> TaskOutput:
+        raise NotImplementedError
 
     def describe(self) -> str:
-        from ..models import describe_encoder
-
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return f"task {self.name} on a {describe_encoder(self.encoder)}; {trainable / 1e6:.2f}M trainable parameters"
 
@@ -155,14 +160,17 @@ class Task(nn.Module):
     def param_groups(self, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
         """The encoder's groups (timm's, from its group_matcher / no_weight_decay) when it trains, then
         the task's own parameters (heads, decoders) at the full lr."""
-        from ..optim import own_param_groups, param_groups
-
         groups = param_groups(self.encoder, weight_decay, layer_decay) if self.trains_encoder else []
         own = [(n, p) for n, p in self.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
         return groups + own_param_groups(own, weight_decay, self.no_weight_decay())
 
     def no_weight_decay(self) -> set[str]:
         return set()
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one: the encoder's blocks (its family says which), and the
+        task's own blocks where it has some (MAE's decoder)."""
+        return family_of(self.encoder).fsdp_units(self.encoder)
 
     @classmethod
     def train_transform(cls, cfg, image_size):
@@ -217,9 +225,11 @@ class Task(nn.Module):
 
     # --- files -------------------------------------------------------------------------------
 
-    def export_state(self) -> ModelExport:
+    def export_state(self, evaluation: Optional[dict] = None) -> ModelExport:
         """model.safetensors: the task's tensors with the encoder's keys at the top level (timm's
-        names), its own beside them."""
+        names), its own beside them. `evaluation`: the metrics the export is made at (the final
+        evaluation, or the best one for model_best), for a task whose export depends on a choice
+        the evaluation made."""
         prefix = "encoder."
         state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in self.state_dict().items()}
         own = any(not k.startswith(prefix) for k in self.state_dict())
@@ -231,9 +241,15 @@ class Task(nn.Module):
         return state
 
     @classmethod
-    def claims_checkpoint(cls, state: Mapping[str, torch.Tensor]) -> bool:
-        """Whether a foreign file holds this task's own parts (an MAE decoder)."""
-        return False
+    def checkpoint_format(cls, state: Mapping[str, torch.Tensor]) -> Optional[str]:
+        """The name of this task's own file format if `state` is one (an MAE decoder's keys), else None."""
+        return None
+
+    @classmethod
+    def convert_checkpoint(cls, state: dict[str, torch.Tensor], module: nn.Module, report: LoadReport) -> dict:
+        """A file of this task's format, for `module` (this task, another task or a bare encoder): what
+        `module` has no place for is dropped, each part with a note in `report`."""
+        return state
 
     @classmethod
     def config_from_state(cls, state: Mapping[str, torch.Tensor], recorded: Mapping[str, Any],
@@ -249,10 +265,19 @@ class Task(nn.Module):
 _TASKS: dict[str, type[Task]] = {}
 
 
+REQUIRED = ("build", "forward")  # what Task cannot do for a method
+
+
 def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator: make a task available as task.name=<cls.name>."""
+    """Class decorator: make a task available as task.name=<cls.name>, once it has what the contract
+    requires (a task without forward would fail at its first step, not here)."""
     if not (isinstance(cls, type) and issubclass(cls, Task)) or not getattr(cls, "name", None):
         raise TypeError(f"{cls.__name__}: a task subclasses ssl_vit.tasks.Task and sets `name`")
+    missing = [member for member in REQUIRED
+               if not any(member in klass.__dict__ for klass in cls.__mro__[:cls.__mro__.index(Task)])]
+    if missing:
+        raise TypeError(f"{cls.__name__} (task {cls.name!r}) does not define {', '.join(missing)}, which every task "
+                        "must (see ssl_vit/tasks/base.py)")
     if cls.evaluation not in EVALUATIONS:
         raise TypeError(f"{cls.__name__}.evaluation={cls.evaluation!r}: use one of {', '.join(EVALUATIONS)}")
     if not issubclass(cls.Config, TaskConfig):

@@ -25,19 +25,19 @@ load alike: into this task to continue pre-training, or into a classifier to fin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from ..checkpoint import register_format
 from ..config import ConfigError, TaskConfig
-from ..masking import BlockwiseMaskGenerator
+from .masking import BlockwiseMaskGenerator
+from ..data.transforms import Transform, decode_pil, pil_to_uint8
 from ..models import LoadReport, build_encoder
 from ..tokenizers import RANDOM, Tokenizer, build_tokenizer, read_description, tokenizer_stride
-from .base import HoldsFrozenModule, Task, register_task
+from .base import HoldsFrozenModule, Task, TaskOutput, images_of, register_task
 
 INIT_STD = 0.02                           # unilm beit/modeling_pretrain.py `init_std`, lm_head included
 BEIT_FORMAT = "official BEiT (unilm pre-training, with lm_head)"
@@ -59,15 +59,13 @@ class BEiTConfig(TaskConfig):
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
-@dataclass
-class BEiTOutput:
-    loss: torch.Tensor                  # scalar
+@dataclass(kw_only=True)
+class BEiTOutput(TaskOutput):
     logits: torch.Tensor                # [N, K, V]: lm_head on K gathered positions (the masked ones first)
     valid: torch.Tensor                 # [N, K] bool: which of the K are masked (a sample may mask fewer)
     targets: torch.Tensor               # [N, K], their tokens
     mask: torch.Tensor                  # [N, L] bool, 1 = masked
     tokens: torch.Tensor                # [N, L], the tokenizer's code of every patch
-    metrics: dict = field(default_factory=dict)
 
 
 @register_task
@@ -162,7 +160,7 @@ class BEiT(HoldsFrozenModule, Task):
         if isinstance(batch, dict) and "tokenizer_images" in batch:
             pixels = batch["tokenizer_images"].float() / 255.0
         else:
-            images = batch["images"] if isinstance(batch, dict) else batch
+            images = images_of(batch)
             size = [g * self.tokenizer.stride for g in self.grid_size]
             pixels = (images.float() * self.std + self.mean)
             if list(pixels.shape[-2:]) != size:
@@ -197,7 +195,7 @@ class BEiT(HoldsFrozenModule, Task):
 
     def forward(self, batch: Union[dict, torch.Tensor], mask: Optional[torch.Tensor] = None,
                 tokens: Optional[torch.Tensor] = None) -> BEiTOutput:
-        images = batch["images"] if isinstance(batch, dict) else batch
+        images = images_of(batch)
         if mask is None and isinstance(batch, dict):
             mask = batch.get("mask")
         if mask is None:  # the run's RNG: a resumed run draws the masks of an uninterrupted one
@@ -219,15 +217,35 @@ class BEiT(HoldsFrozenModule, Task):
     # unilm's layout, the encoder's keys at the top with mask_token, and lm_head.*)
 
     @classmethod
-    def claims_checkpoint(cls, state: Mapping[str, torch.Tensor]) -> bool:
-        return "lm_head.weight" in state and "mask_token" in state
+    def checkpoint_format(cls, state: Mapping[str, torch.Tensor]) -> Optional[str]:
+        return BEIT_FORMAT if "lm_head.weight" in state else None
+
+    @classmethod
+    def convert_checkpoint(cls, state: dict[str, torch.Tensor], module: nn.Module, report: LoadReport) -> dict:
+        """unilm's VisionTransformerForMaskedImageModeling (beit/modeling_pretrain.py): timm's Beit keys plus
+        `mask_token`, `lm_head.*` and the relative_position_index buffers (the BEiT family recomputes those).
+        A BEiT task keeps everything; any other module drops the lm_head and, when its encoder has no mask
+        token (fine-tuning), the mask token, each with a note."""
+        if isinstance(module, BEiT):
+            return state
+        head = [k for k in state if k.startswith("lm_head.")]
+        report.unexpected += head
+        report.notes.append(f"BEiT's visual-token classifier (lm_head, {state['lm_head.weight'].shape[0]} codes) is not "
+                            "part of this module and was ignored")
+        encoder = module.encoder if isinstance(module, Task) else module
+        dropped = set(head)
+        if "mask_token" in state and getattr(encoder, "mask_token", None) is None:
+            report.unexpected.append("mask_token")
+            report.notes.append("BEiT's mask token is only used in pre-training and was ignored")
+            dropped.add("mask_token")
+        return {k: v for k, v in state.items() if k not in dropped}
 
 
 # -------------------------------------------------------------------------------------------
 # the two views
 
 
-class TwoViewCrop:
+class TwoViewCrop(Transform):
     """BEiT's `RandomResizedCropAndInterpolationWithTwoPic` with its flip before (unilm beit/datasets.py),
     and optionally the appendix's colour jitter: one crop (torchvision's RandomResizedCrop parameters,
     ratio 3/4..4/3) resized twice, bicubic to the model's size and lanczos to the tokenizer's.
@@ -241,18 +259,13 @@ class TwoViewCrop:
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else None
 
-    @staticmethod
-    def decode(data: bytes):
-        from ..data.transforms import decode_pil
-
+    def decode(self, data: bytes):
         return decode_pil(data)
 
     def augment(self, image) -> dict[str, torch.Tensor]:
         from PIL import Image
         from torchvision.transforms import InterpolationMode, RandomResizedCrop
         from torchvision.transforms import functional as TF
-
-        from ..data.transforms import pil_to_uint8
 
         if self.jitter is not None:
             image = self.jitter(image)
@@ -265,34 +278,8 @@ class TwoViewCrop:
             views[key] = pil_to_uint8(TF.resized_crop(image, top, left, height, width, size, interpolation=mode))
         return views
 
-    def __call__(self, data: bytes) -> dict[str, torch.Tensor]:
-        return self.augment(self.decode(data))
-
 
 # -------------------------------------------------------------------------------------------
 # official BEiT pre-training checkpoints (and our model.safetensors, the same layout)
 
 
-def _is_beit_pretraining(state: Mapping[str, Any]) -> bool:
-    return "lm_head.weight" in state
-
-
-@register_format(BEIT_FORMAT, recognise=_is_beit_pretraining)
-def convert_official_beit(state: dict[str, torch.Tensor], module: nn.Module, report: LoadReport) -> dict:
-    """unilm's VisionTransformerForMaskedImageModeling (beit/modeling_pretrain.py): timm's Beit keys plus
-    `mask_token`, `lm_head.*` and the relative_position_index buffers (the BEiT family recomputes those).
-    A BEiT task keeps everything; any other module drops the lm_head and, when its encoder has no mask
-    token (fine-tuning), the mask token, each with a note."""
-    if isinstance(module, BEiT):
-        return state
-    head = [k for k in state if k.startswith("lm_head.")]
-    report.unexpected += head
-    report.notes.append(f"BEiT's visual-token classifier (lm_head, {state['lm_head.weight'].shape[0]} codes) is not "
-                        "part of this module and was ignored")
-    encoder = module.encoder if isinstance(module, Task) else module
-    dropped = set(head)
-    if "mask_token" in state and getattr(encoder, "mask_token", None) is None:
-        report.unexpected.append("mask_token")
-        report.notes.append("BEiT's mask token is only used in pre-training and was ignored")
-        dropped.add("mask_token")
-    return {k: v for k, v in state.items() if k not in dropped}

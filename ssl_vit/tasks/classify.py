@@ -11,7 +11,7 @@ DeiT distillation, trained here offline).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,7 +22,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from ..config import ConfigError, TaskConfig
 from ..models import build_encoder
-from .base import Task, encoder_family, register_task
+from .base import Task, TaskOutput, encoder_family, register_task
+from .pictures import attention_grid
 
 
 @dataclass
@@ -36,11 +37,9 @@ class ClassifyConfig(TaskConfig):
     head_init_std: Optional[float] = 0.02  # trunc-normal std of a new classifier head (null: the encoder's own init)
 
 
-@dataclass
-class ClassifyOutput:
-    loss: torch.Tensor
+@dataclass(kw_only=True)
+class ClassifyOutput(TaskOutput):
     logits: torch.Tensor
-    metrics: dict = field(default_factory=dict)
 
 
 @register_task
@@ -107,8 +106,6 @@ class Classify(Task):
         return "val" if encoder_family(self).draws_attention(self.encoder) else None
 
     def pictures(self, images: torch.Tensor, denormalize) -> dict[str, torch.Tensor]:
-        from ..pictures import attention_grid
-
         maps = encoder_family(self).attention_maps(self.encoder, images, rollout=True)
         return {"attention": attention_grid(denormalize(images), maps)}
 

@@ -24,11 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
+from timm.models import get_pretrained_cfg
 
-from ..config import ConfigError, check_choice
-from ..models import build_encoder
+from ..config import CheckpointError, ConfigError, check_choice
+from ..models import build_encoder, create_encoder, family_for_arch
+from ..models.files import encoder_config_of, export_description, load_model_weights, read_checkpoint, unwrap
+from ..models.timm_models import PREFIX, timm_model_name
 from .base import HoldsFrozenModule, register_task
-from .classify import Classify, ClassifyConfig, build_mixup
+from .classify import Classify, ClassifyConfig, ClassifyOutput, build_mixup
 
 
 @dataclass
@@ -69,11 +72,6 @@ def hard_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.T
     return F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
 
 
-@dataclass
-class DistillOutput:
-    loss: torch.Tensor
-    logits: torch.Tensor
-    metrics: dict = field(default_factory=dict)
 
 
 class Teacher(nn.Module):
@@ -165,7 +163,7 @@ class Distill(HoldsFrozenModule, Classify):
         self.distillation, self.alpha, self.tau, self.eval_head = distillation, alpha, tau, eval_head
         self.__dict__["teacher"] = teacher  # a plain attribute: see the class docstring
 
-    def forward(self, batch: dict) -> DistillOutput:
+    def forward(self, batch: dict) -> ClassifyOutput:
         images, labels = batch["images"], batch["labels"]
         targets = labels
         if self.training and self.mixup is not None:
@@ -184,7 +182,7 @@ class Distill(HoldsFrozenModule, Classify):
         metrics = {"class_loss": class_loss.detach(), "distillation_loss": token_loss.detach()}  # on the device
         if targets is labels:
             metrics["train_top1"] = 100.0 * ((cls_logits + dist_logits).argmax(1) == labels).float().mean()
-        return DistillOutput(loss=loss, logits=(cls_logits + dist_logits) / 2, metrics=metrics)
+        return ClassifyOutput(loss=loss, logits=(cls_logits + dist_logits) / 2, metrics=metrics)
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -209,12 +207,6 @@ def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[i
     `task.teacher.weights` strictly. Our exports say their own architecture and input (the JSON);
     for other files the input size and normalisation come from timm's pretrained config of the arch,
     unless task.teacher.img_size / mean / std say otherwise."""
-    from timm.models import get_pretrained_cfg
-
-    from ..checkpoint import CheckpointError, encoder_config_of, export_description, load_weights, read_checkpoint, unwrap
-    from ..models import create_encoder, family_for_arch
-    from ..models.timm_models import PREFIX, timm_model_name
-
     if not teacher_cfg.weights:
         raise ConfigError("distillation needs task.teacher.weights=PATH (a trained classifier: our "
                           "model.safetensors, a timm or torchvision state dict); or task.distillation=none")
@@ -238,7 +230,7 @@ def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[i
             PREFIX + name, num_classes=int(weight.shape[0]) if weight is not None else num_classes,
             in_chans=(ours or {}).get("in_chans", 3), key="task.teacher.arch")
         try:
-            load_weights(model, state, strict=True, verbose=False)
+            load_model_weights(model, state, strict=True)
         except CheckpointError as e:
             raise ConfigError(f"task.teacher.weights={path} does not fit timm's {name}: {e}; is task.teacher.arch "
                               "right?") from None
@@ -246,7 +238,7 @@ def build_teacher(teacher_cfg, *, num_classes: int, student_img_size: Sequence[i
         default_std = pretrained.std if pretrained is not None else student_std
     else:  # one of our exports (e.g. a fine-tuned, larger ViT)
         model = create_encoder(**ours)
-        load_weights(model, path, strict=True, verbose=False)
+        load_model_weights(model, path, strict=True)
         default_size, default_mean, default_std = list(model.config["img_size"]), student_mean, student_std
     outputs = getattr(model, "num_classes", None)
     if outputs != num_classes:

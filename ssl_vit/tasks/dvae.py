@@ -25,8 +25,7 @@ run reads.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -36,8 +35,10 @@ import torch.nn.functional as F
 from ..config import ConfigError, TaskConfig
 from ..models import build_encoder
 from ..tokenizers import save_tokenizer
-from ..tokenizers.vq import DVAEEncoder, ResBlock, VQTokenizer
-from .base import ModelExport, RunContext, Task, register_task
+from ..models.dvae import DVAEEncoder, ResBlock
+from ..tokenizers.vq import VQTokenizer
+from .base import ModelExport, Task, TaskOutput, images_of, register_task
+from .pictures import tile_grid
 
 TOKENIZER_FILE = "tokenizer.safetensors"
 
@@ -50,12 +51,10 @@ class DVAEConfig(TaskConfig):
     entropy_temperature: float = 0.05     # of the soft assignment softmax(cosine / T) the penalty is computed on
 
 
-@dataclass
-class DVAEOutput:
-    loss: torch.Tensor                  # scalar
+@dataclass(kw_only=True)
+class DVAEOutput(TaskOutput):
     reconstruction: torch.Tensor        # [N, C, H, W], normalised pixels
     codes: torch.Tensor                 # [N, h, w], the tokens
-    metrics: dict = field(default_factory=dict)
 
 
 class Decoder(nn.Module):
@@ -113,7 +112,6 @@ class DVAE(Task):
         self.commitment_cost, self.entropy_weight = commitment_cost, entropy_weight
         self.entropy_temperature = entropy_temperature
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
-        self.output_dir = ""  # where a training run writes tokenizer.safetensors (training_data)
 
     # ---------------------------------------------------------------------------------------
 
@@ -144,7 +142,7 @@ class DVAE(Task):
         return self.decoder(z_q)                                            # [N, C, H, W]
 
     def forward(self, batch: Union[dict, torch.Tensor]) -> DVAEOutput:
-        images = batch["images"] if isinstance(batch, dict) else batch
+        images = images_of(batch)
         z = self.forward_encoder(images)
         z_q, codes, codebook_loss, commitment_loss, soft = self.quantize(z)
         reconstruction = self.forward_decoder(z_q.to(z.dtype))
@@ -162,26 +160,21 @@ class DVAE(Task):
         """The trained encoder as a tokenizer (it shares this task's encoder)."""
         return VQTokenizer(self.encoder, self.mean, self.std)
 
-    def training_data(self, run: RunContext):
-        """The shard loader (None), after noting the run's output folder: its exports get the tokenizer."""
-        self.output_dir = str(run.cfg.train.output_dir)
-        return None
+    def fsdp_units(self) -> list[nn.Module]:
+        return super().fsdp_units() + list(self.decoder.blocks)
 
-    def export_state(self) -> ModelExport:
-        """model.safetensors: the encoder (timm-style top-level keys, codebook included) and `decoder.*`.
-        In a training run, tokenizer.safetensors (+ .json) is written beside it (the loop exports on the
-        main process only)."""
-        if self.output_dir:
-            save_tokenizer(self.tokenizer(), Path(self.output_dir) / TOKENIZER_FILE,
-                           extra={"trained_by": "ssl_vit task.name=dvae"})
-        return super().export_state()
+    def export_state(self, evaluation: Optional[dict] = None) -> ModelExport:
+        """model.safetensors: the encoder (timm-style top-level keys, codebook included) and `decoder.*`;
+        and tokenizer.safetensors (+ .json) beside it: the trained encoder as a tokenizer for BEiT."""
+        export = super().export_state(evaluation)
+        export.files[TOKENIZER_FILE] = lambda path: save_tokenizer(self.tokenizer(), path,
+                                                                   extra={"trained_by": "ssl_vit task.name=dvae"})
+        return export
 
     def picture_split(self) -> str:
         return "train"
 
     def pictures(self, images: torch.Tensor, denormalize) -> dict[str, torch.Tensor]:
-        from ..pictures import tile_grid
-
         reconstruction = self.forward(images).reconstruction
         return {"reconstructions": tile_grid([denormalize(images.float()), denormalize(reconstruction.float())])}
 

@@ -20,9 +20,12 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from ..config import ConfigError, TaskConfig
+from ..data.features import FeatureData, extract_features, split_for_rank
+from ..data.loaders import build_eval_loader, holdout_range, training_range
+from ..data.stream import in_range
 from ..models import build_encoder
 from ..models.base import classifier_prefixes
-from .base import ModelExport, RunContext, Task, register_task
+from .base import ModelExport, RunContext, Task, TaskOutput, register_task
 
 
 @dataclass
@@ -32,11 +35,9 @@ class LinearProbeConfig(TaskConfig):
     lr_scales: List[float] = field(default_factory=lambda: [1.0])  # one head per lr multiplier
 
 
-@dataclass
-class ProbeOutput:
-    loss: torch.Tensor
+@dataclass(kw_only=True)
+class ProbeOutput(TaskOutput):
     logits: list
-    metrics: dict = field(default_factory=dict)
 
 
 @register_task
@@ -75,7 +76,6 @@ class LinearProbe(Task):
             nn.init.zeros_(head[1].bias)
             self.heads.append(head)
         self.criterion = nn.CrossEntropyLoss()
-        self.best_head = 0  # set by `summarize`: the head with the best validation top-1
         self.cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # val / holdout features, when cached
 
     def train(self, mode: bool = True):
@@ -102,12 +102,6 @@ class LinearProbe(Task):
         """With data.train_transform=eval (no augmentation) the frozen encoder's features of the
         splits are extracted once (each sample once over all ranks) and the heads train on them:
         seconds instead of epochs of passes through the encoder. Otherwise the shard loader."""
-        from ..data import build_eval_loader
-        from ..data.features import FeatureData
-        from ..data.loaders import holdout_range, training_range
-        from ..data.stream import in_range
-        from ..evaluate import extract_features
-
         cfg, accelerator, plan = run.cfg, run.accelerator, run.plan
         if cfg.data.train_transform != "eval":
             run.print(f"linear probe: data.train_transform={cfg.data.train_transform} augments every batch, so the "
@@ -142,8 +136,6 @@ class LinearProbe(Task):
                            split: str = "val") -> Optional[Iterable[dict]]:
         if split not in self.cached:
             return None
-        from ..data.features import split_for_rank
-
         return split_for_rank(*self.cached[split], rank=rank, world_size=world_size, batch_size=batch_size)
 
     # --- evaluation: the heads of the sweep --------------------------------------------------
@@ -154,18 +146,19 @@ class LinearProbe(Task):
         return [head(features.float()) for head in self.heads]
 
     def summarize(self, results: list[dict], selection: Optional[list[dict]] = None) -> dict:
-        """The data.val result of the head chosen; with a sweep, which lr scale it was and every head's
-        results. The head is chosen (and exported) by its top-1 on the held-out training images when
-        data.holdout_fraction is set; otherwise on data.val itself, the split it reports, which
-        flatters the number by the choice (say so: `selected_on`)."""
+        """The data.val result of the head chosen (`best_head`, which the export folds in); with a
+        sweep, which lr scale it was and every head's results. The head is chosen by its top-1 on the
+        held-out training images when data.holdout_fraction is set; otherwise on data.val itself, the
+        split it reports, which flatters the number by the choice (say so: `selected_on`)."""
         chooser = selection or results
-        self.best_head = max(range(len(chooser)), key=lambda i: chooser[i]["top1"])
-        metrics = dict(results[self.best_head])
+        best = max(range(len(chooser)), key=lambda i: chooser[i]["top1"])
+        metrics = dict(results[best])
         metrics["selected_on"] = "holdout" if selection else "val"
+        metrics["best_head"] = best
         if selection:
-            metrics["holdout"] = dict(selection[self.best_head])
+            metrics["holdout"] = dict(selection[best])
         if len(results) > 1:
-            metrics["best_lr_scale"] = self.lr_scales[self.best_head]
+            metrics["best_lr_scale"] = self.lr_scales[best]
             metrics["heads"] = [{"lr_scale": s, **r, **({"holdout_top1": h["top1"]} if selection else {})}
                                 for s, r, h in zip(self.lr_scales, results, selection or results)]
         return metrics
@@ -192,10 +185,10 @@ class LinearProbe(Task):
         folded.bias.copy_(linear.bias - (linear.weight / scale) @ norm.running_mean)
         return folded
 
-    def export_state(self) -> ModelExport:
-        """model.safetensors: the frozen encoder with the best head folded into its `head`, a plain
-        timm classifier."""
-        head = self.folded_head(self.best_head)
+    def export_state(self, evaluation: Optional[dict] = None) -> ModelExport:
+        """model.safetensors: the frozen encoder with the head `evaluation` chose (its `best_head`; the
+        first without one) folded into its `head`, a plain timm classifier."""
+        head = self.folded_head((evaluation or {}).get("best_head", 0))
         name = classifier_prefixes(self.encoder)[0]  # `head.` (ViT), `fc.` (a timm ResNet), ...
         state = {**self.encoder.state_dict(), f"{name}weight": head.weight, f"{name}bias": head.bias}
         return ModelExport(state, {**self.encoder.config, "num_classes": head.out_features})

@@ -17,7 +17,7 @@ MAE checkpoints, with or without the decoder, load through `ssl_vit.load_weights
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -27,12 +27,17 @@ from einops import rearrange
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block
 
-from ..checkpoint import register_format
 from ..config import ConfigError, TaskConfig
 from ..models import LoadReport, build_encoder, sincos_2d_pos_embed
-from .base import Task, register_task
+from .base import Task, TaskOutput, images_of, register_task
+from .pictures import reconstruction_grid
 
 DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+def decoder_depth(state: Mapping[str, torch.Tensor]) -> int:
+    """The number of decoder blocks in an MAE state dict (official layout, ours: `decoder_blocks.<i>.`)."""
+    return len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
 
 
 @dataclass
@@ -59,12 +64,10 @@ def check_mask_ratio(value: float, key: str = "task.mask_ratio", patches: int = 
     return value
 
 
-@dataclass
-class MAEOutput:
-    loss: torch.Tensor                  # scalar
+@dataclass(kw_only=True)
+class MAEOutput(TaskOutput):
     pred: torch.Tensor                  # [N, L, p*p*C], in the (normalised, if norm_pix_loss) target space
     mask: torch.Tensor                  # [N, L], 1 = masked (removed), 0 = visible
-    metrics: dict = field(default_factory=dict)
 
 
 @register_task
@@ -164,6 +167,9 @@ class MAE(Task):
         mask = torch.gather(mask, 1, ids_restore)                   # [N, L], back in patch order
         return ids_keep, ids_restore, mask
 
+    def fsdp_units(self) -> list[nn.Module]:
+        return super().fsdp_units() + list(self.decoder_blocks)
+
     def forward_encoder(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None):
         ids_keep, ids_restore, mask = self.random_masking(images.shape[0], images.device, noise)
         latent = self.encoder.forward_features(images, ids_keep=ids_keep)  # [N, 1 + K, D]
@@ -197,7 +203,7 @@ class MAE(Task):
         return (loss * mask).sum() / mask.sum()                      # mean over the masked patches
 
     def forward(self, batch: Union[dict, torch.Tensor], noise: Optional[torch.Tensor] = None) -> MAEOutput:
-        images = batch["images"] if isinstance(batch, dict) else batch
+        images = images_of(batch)
         if noise is None and isinstance(batch, dict):
             noise = batch.get("noise")
         latent, mask, ids_restore = self.forward_encoder(images, noise)
@@ -215,8 +221,6 @@ class MAE(Task):
         return "train"  # its first training images, reconstructed under the same masks every time
 
     def pictures(self, images: torch.Tensor, denormalize) -> dict[str, torch.Tensor]:
-        from ..pictures import reconstruction_grid
-
         return {"reconstructions": reconstruction_grid(self.reconstruct(images, seed=0), denormalize)}
 
     @torch.no_grad()
@@ -256,8 +260,21 @@ class MAE(Task):
         return state
 
     @classmethod
-    def claims_checkpoint(cls, state: Mapping[str, torch.Tensor]) -> bool:
-        return "decoder_pred.weight" in state
+    def checkpoint_format(cls, state: Mapping[str, torch.Tensor]) -> Optional[str]:
+        return "official MAE (with decoder)" if "decoder_pred.weight" in state else None
+
+    @classmethod
+    def convert_checkpoint(cls, state: dict[str, torch.Tensor], module: nn.Module, report: LoadReport) -> dict:
+        """Official MAE checkpoints (facebookresearch/mae): the decoder (`decoder_*`, `mask_token`) is
+        kept only for an MAE module. MAE fine-tuning drops the pre-training `norm` for a fresh `fc_norm`
+        (main_finetune.py), which the encoder's load reports as unexpected."""
+        if isinstance(module, MAE):
+            return state
+        dropped = [k for k in state if k.startswith(DECODER_PREFIXES)]
+        report.unexpected += dropped
+        if dropped:
+            report.notes.append(f"the MAE decoder ({len(dropped)} tensors) is not part of this module and was ignored")
+        return {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}
 
     @classmethod
     def config_from_state(cls, state: Mapping[str, torch.Tensor], recorded: Mapping[str, Any],
@@ -265,7 +282,7 @@ class MAE(Task):
         """The decoder's width and depth from its tensors; heads, norm_pix_loss and mask_ratio from
         what the file recorded (our JSON, or the official checkpoints' training arguments)."""
         settings = {"decoder_dim": state["decoder_embed.weight"].shape[0],
-                    "decoder_depth": len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})}
+                    "decoder_depth": decoder_depth(state)}
         for key in ("decoder_heads", "norm_pix_loss", "mask_ratio"):
             if recorded.get(key) is not None:
                 settings[key] = recorded[key]
@@ -274,18 +291,3 @@ class MAE(Task):
             # targets for visualization" (facebookresearch/mae, demo/mae_visualize.ipynb)
             settings["norm_pix_loss"] = False
         return settings
-
-
-@register_format("official MAE (with decoder)", recognise=lambda state: any(k.startswith(DECODER_PREFIXES)
-                                                                             for k in state))
-def convert_official_mae(state: dict[str, torch.Tensor], module: nn.Module, report: LoadReport) -> dict:
-    """Official MAE checkpoints (facebookresearch/mae): the decoder (`decoder_*`, `mask_token`) is
-    kept only for an MAE module. MAE fine-tuning drops the pre-training `norm` for a fresh `fc_norm`
-    (main_finetune.py), which the encoder's load reports as unexpected."""
-    if isinstance(module, MAE):
-        return state
-    dropped = [k for k in state if k.startswith(DECODER_PREFIXES)]
-    report.unexpected += dropped
-    if dropped:
-        report.notes.append(f"the MAE decoder ({len(dropped)} tensors) is not part of this module and was ignored")
-    return {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}

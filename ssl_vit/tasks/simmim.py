@@ -4,7 +4,7 @@ Reads top to bottom like the paper's figure 1:
 
     images [N, C, H, W]
       -> random masking           mask [N, L]: ceil(mask_ratio x cells) cells of mask_patch_size pixels,
-                                  each covering its model patches (§3.2, table 1; ssl_vit/masking.py)
+                                  each covering its model patches (§3.2, table 1; tasks/masking.py)
       -> forward_encoder          the shared encoder on every position, the masked patches' embeddings
                                   replaced by its learned mask token (§3.2): patch tokens [N, D, h, w]
                                   (a class token, if the encoder has one, is run and then left out)
@@ -18,7 +18,7 @@ the head `decoder.0`; model.safetensors keeps that layout (`export_state`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..config import ConfigError, TaskConfig
-from ..masking import RandomMaskGenerator
+from .masking import RandomMaskGenerator
 from ..models import build_encoder
-from .base import ModelExport, Task, register_task
+from .base import ModelExport, Task, TaskOutput, images_of, register_task
 from .mae import check_mask_ratio
+from .pictures import reconstruction_grid
 
 
 @dataclass
@@ -40,12 +41,10 @@ class SimMIMConfig(TaskConfig):
     mask_ratio: float = 0.6               # table 1 (and the ViT-B config's DATA.MASK_RATIO)
 
 
-@dataclass
-class SimMIMOutput:
-    loss: torch.Tensor                  # scalar
+@dataclass(kw_only=True)
+class SimMIMOutput(TaskOutput):
     pred: torch.Tensor                  # [N, C, H, W], the reconstructed image (normalised pixels)
     mask: torch.Tensor                  # [N, L], 1 = masked (replaced by the mask token), at the encoder's grid
-    metrics: dict = field(default_factory=dict)
 
 
 @register_task
@@ -120,7 +119,7 @@ class SimMIM(Task):
         return (l1 * pixels).sum() / (pixels.sum() + 1.0e-5) / self.in_chans
 
     def forward(self, batch: Union[dict, torch.Tensor], mask: Optional[torch.Tensor] = None) -> SimMIMOutput:
-        images = batch["images"] if isinstance(batch, dict) else batch
+        images = images_of(batch)
         if mask is None and isinstance(batch, dict):
             mask = batch.get("mask")
         if mask is None:
@@ -142,8 +141,6 @@ class SimMIM(Task):
         return "train"  # its first training images, reconstructed under the same masks every time
 
     def pictures(self, images: torch.Tensor, denormalize) -> dict[str, torch.Tensor]:
-        from ..pictures import reconstruction_grid
-
         return {"reconstructions": reconstruction_grid(self.reconstruct(images, seed=0), denormalize)}
 
     @torch.no_grad()
@@ -161,16 +158,17 @@ class SimMIM(Task):
         return {"original": original, "masked": original * (1 - pixels), "reconstruction": pred,
                 "pasted": original * (1 - pixels) + pred * pixels, "mask": pixels}
 
-    def export_state(self) -> ModelExport:
+    def export_state(self, evaluation: Optional[dict] = None) -> ModelExport:
         """model.safetensors in the reference's layout: `encoder.*` (its mask token included) and
         `decoder.0.*`, so official SimMIM checkpoints and ours read alike. The prefix also keeps a
         top-level `mask_token` out of the file, which ssl_vit reads as official MAE and timm as DINOv2."""
         return ModelExport(dict(self.state_dict()), dict(self.encoder.config), timm_loadable=False)
 
     @classmethod
-    def claims_checkpoint(cls, state: Mapping[str, torch.Tensor]) -> bool:
+    def checkpoint_format(cls, state: Mapping[str, torch.Tensor]) -> Optional[str]:
         head = state.get("decoder.0.weight")
-        return head is not None and head.ndim == 4 and head.shape[-2:] == (1, 1)   # the 1x1 convolution
+        claimed = head is not None and head.ndim == 4 and head.shape[-2:] == (1, 1)   # the 1x1 convolution
+        return "SimMIM (encoder.* and a 1x1-convolution head)" if claimed else None
 
     @classmethod
     def config_from_state(cls, state: Mapping[str, torch.Tensor], recorded: Mapping[str, Any],

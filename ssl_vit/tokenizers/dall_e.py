@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.base import compact
-from . import Tokenizer
+from .base import Tokenizer, non_finite, save_tokenizer, state_mismatch
+from .dall_e_pickle import read_module_pickle
 
 LOGIT_LAPLACE_EPS = 0.1                   # dall_e/utils.py `logit_laplace_eps`
 GROUPS = 4                                # the package's `group_count`
@@ -128,9 +129,6 @@ class DallETokenizer(Tokenizer):
 def convert_dall_e(source: Union[str, Path], target: Union[str, Path]) -> DallETokenizer:
     """Read DALL-E's encoder.pkl without running anything from it (dall_e_pickle.py), check that its
     weights are the encoder's, and write them as a tokenizer file. Returns the tokenizer."""
-    from . import non_finite, save_tokenizer, state_mismatch
-    from .dall_e_pickle import read_module_pickle
-
     module = read_module_pickle(source)
     if module.type_name != "dall_e.encoder.Encoder":
         raise ValueError(f"{source} holds a {module.type_name}, not DALL-E's encoder (dall_e.encoder.Encoder): give "

@@ -1,4 +1,5 @@
-"""Evaluation protocols, exact under DDP: top-k accuracy, feature extraction, and the k-NN monitor.
+"""What evaluations compute, exact under DDP: top-k accuracy and DINO's weighted k-NN classifier
+(features of a split are extracted by data/features.py, which the linear probe's cache uses too).
 
 Every rank reads its own part of the split (each sample exactly once over all ranks, see
 data/stream.py); counts are summed over ranks, and features are gathered without padding or
@@ -6,15 +7,15 @@ duplicates, so the numbers are those of a single process on the whole split.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from ..data.loaders import build_eval_loader
+from ..data.features import Rounds, extract_features, progress
+
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
-# how a training run paces an evaluation's batches: a check for a stop request before each, agreed by
-# every rank (run_state.Preemption.rounds); None outside training (tools/knn.py)
-Rounds = Optional[Callable[[Iterable[dict]], Iterable[dict]]]
 
 
 def _sum_over_ranks(values: torch.Tensor, accelerator) -> torch.Tensor:
@@ -53,61 +54,6 @@ def evaluate(predict: Callable[[dict], Logits], batches: Iterable[dict], *, devi
     n = int(total.item())
     return [{"top1": 100.0 * float(c[0]) / max(n, 1), "top5": 100.0 * float(c[1]) / max(n, 1), "num_samples": n}
             for c in counts]
-
-
-@torch.no_grad()
-def extract_features(features: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict], *, device,
-                     normalize=None, accelerator=None, description: str = "extracting features",
-                     rounds: Rounds = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Features, labels and keys of a whole split, gathered from every rank (each sample once),
-    sorted by key so that the result does not depend on the number of processes."""
-    feats, labels, keys = [], [], []
-    for batch in progress(batches, description, accelerator, rounds):
-        images = batch["images"].to(device, non_blocking=True)
-        feats.append(features(normalize(images) if normalize is not None else images).float())
-        labels.append(batch["labels"].to(device))
-        keys += list(batch["keys"])
-    feats = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    if accelerator is not None and accelerator.num_processes > 1:
-        feats, labels, keys = _gather_uneven(feats, labels, keys, accelerator)
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    index = torch.tensor(order, dtype=torch.long, device=feats.device)
-    return feats[index], labels[index], [keys[i] for i in order]
-
-
-def progress(batches: Iterable[dict], description: str, accelerator=None, rounds: Rounds = None) -> Iterable[dict]:
-    """A progress bar over a pass (images counted), on the main process only; its length is the
-    split's size when the loader knows it (this rank's share, times the ranks)."""
-    from tqdm import tqdm
-
-    main = accelerator is None or accelerator.is_main_process
-    total = getattr(batches, "num_samples", None)
-    world = accelerator.num_processes if accelerator is not None else 1
-    with tqdm(total=total, desc=description, unit="img", disable=not main, leave=False, dynamic_ncols=True) as bar:
-        for batch in (rounds(batches) if rounds is not None else batches):
-            yield batch
-            bar.update(len(batch["labels"]) * world)
-
-
-def _gather_uneven(feats: torch.Tensor, labels: torch.Tensor, keys: list[str], accelerator):
-    """all_gather of per-rank tensors of different lengths, without padding in the result."""
-    from accelerate.utils import gather_object
-
-    sizes = gather_object([feats.shape[0]])
-    dim = max(gather_object([feats.shape[1] if feats.numel() else 0]))
-    if feats.numel() == 0:
-        feats = torch.zeros(0, dim, device=labels.device)
-    longest = max(sizes)
-    padded = torch.zeros(longest, dim, device=feats.device, dtype=feats.dtype)
-    padded[: feats.shape[0]] = feats
-    padded_labels = torch.full((longest,), -1, device=labels.device, dtype=labels.dtype)
-    padded_labels[: labels.shape[0]] = labels
-    all_feats = accelerator.gather(padded).view(len(sizes), longest, dim)
-    all_labels = accelerator.gather(padded_labels).view(len(sizes), longest)
-    feats = torch.cat([all_feats[r, :n] for r, n in enumerate(sizes)])
-    labels = torch.cat([all_labels[r, :n] for r, n in enumerate(sizes)])
-    return feats, labels, gather_object(keys)
 
 
 @torch.no_grad()
@@ -153,8 +99,6 @@ def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int, feature
     read; `features(images)`, by default the encoder's own): data.train as memory, data.val as
     queries, eval.knn_k and eval.knn_temperature. The monitor inside training (the task's `features`)
     and tools/knn.py both run this."""
-    from .data import build_eval_loader
-
     batch_size = cfg.eval.batch_size or cfg.data.batch_size
     train, val = (build_eval_loader(cfg, split, rank=accelerator.process_index, world_size=accelerator.num_processes,
                                     batch_size=batch_size) for split in ("train", "val"))
@@ -168,49 +112,3 @@ def knn_evaluate(encoder, cfg, accelerator, normalize, num_classes: int, feature
                                 rounds=rounds)
     finally:
         encoder.train(was_training)
-
-
-class Evaluator:
-    """What the training loop measures for its task (the task's `evaluation`), the same way on 1 or
-    N processes, as one flat dict with its `protocol`:
-        "top-k": its predict() on data.val (or the task's own validation batches), summarised by the
-                 task (a linear probe's sweep reports its best head); with data.holdout_fraction the
-                 choices (best head, best model) are made on the held-out training images instead of
-                 data.val; the EMA weights' accuracy too (`ema_top1`, ...)
-        "knn":   the k-NN monitor of the encoder's features (data.train as memory, data.val as queries)"""
-
-    def __init__(self, cfg, task, accelerator, normalize, num_classes: int, rounds: Rounds = None):
-        self.cfg, self.task, self.accelerator, self.normalize, self.rounds = cfg, task, accelerator, normalize, rounds
-        self.num_classes = num_classes
-        self.batch_size = cfg.eval.batch_size or cfg.data.batch_size
-
-    def accuracy(self, module=None, split: str = "val") -> list[dict]:
-        from .data import build_eval_loader
-
-        module = module or self.task
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        batches = module.validation_batches(rank, world, self.batch_size, split=split)
-        normalize = None
-        if batches is None:
-            batches = build_eval_loader(self.cfg, split, rank=rank, world_size=world, batch_size=self.batch_size)
-            normalize = self.normalize
-        was_training = module.training
-        module.eval()
-        try:
-            with self.accelerator.autocast():
-                return evaluate(module.predict, batches, device=self.accelerator.device, normalize=normalize,
-                                accelerator=self.accelerator, description=f"evaluating on {split}",
-                                rounds=self.rounds)
-        finally:
-            module.train(was_training)
-
-    def __call__(self, ema_module=None) -> dict:
-        if self.task.evaluation == "knn":
-            metrics = knn_evaluate(self.task.encoder, self.cfg, self.accelerator, self.normalize, self.num_classes,
-                                   features=self.task.features, rounds=self.rounds)
-            return {"protocol": "knn", **metrics}
-        selection = self.accuracy(split="holdout") if self.cfg.data.holdout_fraction > 0 else None
-        metrics = {"protocol": "top-k", **self.task.summarize(self.accuracy(), selection)}
-        if ema_module is not None:
-            metrics.update({f"ema_{k}": v for k, v in self.accuracy(ema_module)[0].items()})
-        return metrics

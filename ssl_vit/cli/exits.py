@@ -24,8 +24,7 @@ import os
 import sys
 import time
 
-from .config import ConfigError
-from .models.base import CheckpointError
+from ..config import CheckpointError, ConfigError
 
 # what a collective raises when another rank of the run is gone (gloo's transport, NCCL's abort)
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",

@@ -1,6 +1,7 @@
-"""Optimizer, parameter groups and the learning-rate schedule.
+"""The optimizer and the learning-rate schedule.
 
-Parameter groups carry multipliers: `lr_scale` (layer-wise lr decay) and `weight_decay`; the
+Parameter groups (a task's, tasks/param_groups.py) carry multipliers: `lr_scale` (layer-wise lr decay)
+and `weight_decay`; the
 schedule is a pure function of the optimizer step, applied as group lr = lr(step) x lr_scale before
 every update. So resuming restores the schedule exactly (only the step is needed), the lr is the
 same on 1 or N processes, and layer decay, no-decay groups and frozen parts all follow from the
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import Lars
 
 
 @dataclass(frozen=True)
@@ -44,30 +45,6 @@ def base_lr(optim_cfg) -> float:
     if optim_cfg.lr is not None:
         return float(optim_cfg.lr)
     return float(optim_cfg.blr) * optim_cfg.batch_size / optim_cfg.lr_base_batch
-
-
-def param_groups(encoder: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """timm's groups of an encoder: no weight decay for 1-D parameters (biases, norms) and the names
-    its `no_weight_decay()` gives (tokens, position tables, relative position biases); with
-    `layer_decay`, one group per layer of its `group_matcher`, lr_scale = layer_decay ** (layers - layer)."""
-    skip = sorted(encoder.no_weight_decay()) if hasattr(encoder, "no_weight_decay") else []
-    if layer_decay is not None:
-        if not hasattr(encoder, "group_matcher"):
-            raise ValueError(f"layer decay needs {type(encoder).__name__}.group_matcher(); without it every "
-                             "parameter would silently get lr_scale 1.0")
-        groups = param_groups_layer_decay(encoder, weight_decay=weight_decay, no_weight_decay_list=skip,
-                                          layer_decay=layer_decay)
-    else:
-        groups = param_groups_weight_decay(encoder, weight_decay=weight_decay, no_weight_decay_list=skip)
-    return [{"lr_scale": 1.0, **g} for g in groups if g["params"]]
-
-
-def own_param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, no_decay: set[str]) -> list[dict]:
-    """A task's own parameters (heads, decoders), at the full lr: weight decay except for 1-D ones and `no_decay`."""
-    decay = [p for n, p in named if p.ndim > 1 and n not in no_decay]
-    keep = [p for n, p in named if p.ndim <= 1 or n in no_decay]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-                        {"params": keep, "weight_decay": 0.0, "lr_scale": 1.0}) if g["params"]]
 
 
 def build_optimizer(optim_cfg, task: nn.Module) -> torch.optim.Optimizer:

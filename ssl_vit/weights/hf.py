@@ -19,13 +19,15 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
+from ..config import CheckpointError
+from ..models.files import export_description, read_checkpoint
+from ..tasks.mae import decoder_depth
+
 LAYER_NORM_EPS = 1e-6  # timm's and MAE's LayerNorm (transformers' ViT default is 1e-12)
 
 
 def export_hf(path: str | Path, out: str | Path, classes: Optional[list[str]] = None) -> Path:
     """Write the transformers folder `out` for our export at `path`; returns the folder."""
-    from .checkpoint import CheckpointError, export_description, read_checkpoint
-
     path, out = Path(path), Path(out)
     state, metadata = read_checkpoint(path)
     if metadata.get("format") != "ssl_vit":
@@ -44,8 +46,6 @@ def export_hf(path: str | Path, out: str | Path, classes: Optional[list[str]] = 
 
 
 def _check_expressible(encoder: dict) -> None:
-    from .checkpoint import CheckpointError
-
     arch = str(encoder.get("arch", ""))
     problems = []
     if not arch.startswith("vit_") and arch != "custom":
@@ -63,8 +63,6 @@ def _check_expressible(encoder: dict) -> None:
 def _vit_config(encoder: dict) -> dict[str, Any]:
     size = encoder["img_size"]
     if size[0] != size[1]:
-        from .checkpoint import CheckpointError
-
         raise CheckpointError(f"transformers' ViT takes square images; this encoder's are {size}")
     return dict(hidden_size=encoder["embed_dim"], num_hidden_layers=encoder["depth"],
                 num_attention_heads=encoder["num_heads"], intermediate_size=int(encoder["embed_dim"] * encoder["mlp_ratio"]),
@@ -116,15 +114,13 @@ def _vit(state: dict, encoder: dict, classes: Optional[list[str]]):
 
 def _mae(state: dict, encoder: dict, task: dict):
     decoder_dim = state["decoder_embed.weight"].shape[0]
-    decoder_depth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
+    depth = decoder_depth(state)
     heads = task.get("decoder_heads")
     if not heads:
-        from .checkpoint import CheckpointError
-
         raise CheckpointError("the MAE export's JSON does not say its decoder_heads (task.decoder_heads)")
     mlp = state["decoder_blocks.0.mlp.fc1.weight"].shape[0]
     config = {"model_type": "vit_mae", "architectures": ["ViTMAEForPreTraining"], **_vit_config(encoder),
-              "decoder_hidden_size": decoder_dim, "decoder_num_hidden_layers": decoder_depth,
+              "decoder_hidden_size": decoder_dim, "decoder_num_hidden_layers": depth,
               "decoder_num_attention_heads": heads, "decoder_intermediate_size": mlp,
               "mask_ratio": task.get("mask_ratio", 0.75), "norm_pix_loss": task.get("norm_pix_loss", True)}
     tensors = _encoder_tensors(state, encoder["depth"], "vit.")
@@ -135,6 +131,6 @@ def _mae(state: dict, encoder: dict, task: dict):
                     "decoder.decoder_norm.bias": state["decoder_norm.bias"],
                     "decoder.decoder_pred.weight": state["decoder_pred.weight"],
                     "decoder.decoder_pred.bias": state["decoder_pred.bias"]})
-    for i in range(decoder_depth):
+    for i in range(depth):
         tensors.update(_block(state, f"decoder_blocks.{i}.", f"decoder.decoder_layers.{i}."))
     return config, tensors

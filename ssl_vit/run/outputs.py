@@ -12,14 +12,17 @@ tools adopt (`init=runs/x/backbone.safetensors` is all a user types).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
 
-from .checkpoint import export_backbone, export_model
+from ..weights import export_backbone, export_model
 
 INPUT_KEYS = ("mean", "std", "crop_pct")  # data: keys an export records about its input
 
@@ -35,18 +38,18 @@ def describe_run(cfg, step: int, samples_seen: int, classes: Optional[list[str]]
     return description
 
 
-def export_run(task, output_dir: Path, cfg, step: int, samples_seen: int, best: Optional[dict] = None,
-               classes: Optional[list[str]] = None) -> None:
-    """backbone.safetensors and model.safetensors (each with its JSON), or with `best` (the best
-    evaluation's metrics) model_best.safetensors. `task` is the module itself, not a DDP or
-    torch.compile wrapper."""
+def export_run(task, output_dir: Path, cfg, step: int, samples_seen: int, evaluation: Optional[dict] = None,
+               best: Optional[dict] = None, classes: Optional[list[str]] = None) -> None:
+    """backbone.safetensors and model.safetensors (each with its JSON) at `evaluation` (the final one,
+    if any), or with `best` (the best evaluation's metrics) model_best.safetensors at that one. `task`
+    is the module itself, not a DDP or torch.compile wrapper."""
     extra = describe_run(cfg, step, samples_seen, classes)
     if best is not None:
-        export_model(task, output_dir / "model_best.safetensors", extra={**extra, "best": best})
+        export_model(task, output_dir / "model_best.safetensors", extra={**extra, "best": best}, evaluation=best)
         return
     export_backbone(task.encoder, output_dir / "backbone.safetensors", extra={k: v for k, v in extra.items()
                                                                                if k != "classes"})
-    export_model(task, output_dir / "model.safetensors", extra=extra)
+    export_model(task, output_dir / "model.safetensors", extra=extra, evaluation=evaluation)
 
 
 def write_metrics(output_dir: Path, cfg, metrics: dict, *, step: Optional[int] = None,
@@ -100,8 +103,6 @@ _SHA256: dict[tuple, str] = {}
 
 def file_sha256(path: str) -> Optional[str]:
     """sha256 of a file (remembered per path, size and modification time: a run asks more than once)."""
-    import hashlib
-
     path = Path(path)
     if not path.is_file():
         return None
@@ -118,12 +119,8 @@ def file_sha256(path: str) -> Optional[str]:
 
 def code_version() -> dict:
     """ssl_vit's version, and the git commit of a checkout (with whether it had uncommitted changes)."""
-    import subprocess
-
-    from . import __version__
-
-    root = Path(__file__).resolve().parent.parent
-    info = {"ssl_vit": __version__, "commit": None, "uncommitted_changes": None}
+    root = Path(__file__).resolve().parent.parent.parent
+    info = {"ssl_vit": version("ssl_vit"), "commit": None, "uncommitted_changes": None}
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)

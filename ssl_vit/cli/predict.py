@@ -16,6 +16,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional, Sequence
 
+import struct
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..config import CheckpointError, ConfigError
+from ..data.transforms import build_transform
+from ..models import create_encoder
+from ..weights import export_description, load_weights
 from .arguments import positive_int
 
 
@@ -28,9 +37,6 @@ def predict(argv: Optional[Sequence[str]] = None) -> int:
                         help="classes shown per image (default 5; all of them if the model has fewer)")
     parser.add_argument("--json", action="store_true", help="one JSON line per image instead of text")
     args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-
     try:
         results = classify_files(args.model, args.images, args.top_k)
     except (ConfigError, CheckpointError) as e:
@@ -46,13 +52,6 @@ def predict(argv: Optional[Sequence[str]] = None) -> int:
 
 def classify_files(model_path: str, images: Sequence[str], top_k: int = 5) -> list[tuple[str, list[tuple[str, float]]]]:
     """[(image, [(class, probability), ...])] of a classifier export on image files."""
-    import torch
-
-    from .checkpoint import export_description, load_weights
-    from .config import ConfigError
-    from .data.transforms import build_transform
-    from .models import create_encoder
-
     if top_k < 1:  # the command line's parser says so already; this is for callers from Python
         raise ConfigError(f"top_k must be >= 1 (the classes given per image), got {top_k}")
     path = Path(model_path)
@@ -87,12 +86,6 @@ def classify_files(model_path: str, images: Sequence[str], top_k: int = 5) -> li
 def _read_image(image: str, transform):
     """The transform's uint8 [3, H, W] of an image file; a ConfigError, naming the file, for one that
     cannot be read."""
-    import struct
-
-    from PIL import Image, UnidentifiedImageError
-
-    from .config import ConfigError
-
     file = Path(image)
     if not file.is_file():
         raise ConfigError(f"{image}: no such file")

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError
-from .run_state import Checkpoints
+from ..config import ConfigError
+from .checkpoints import Checkpoints
+from .outputs import file_sha256
 
 # keys that do not change what a run computes, so that a resumed run may give other values: how far
 # it goes, how often it saves, logs and evaluates, and how the same global batch is split over
@@ -63,8 +64,6 @@ def check_resume(cfg, config_now: dict) -> Optional[Path]:
                               f"give neither run's result: {shown}{more}. {way_out}. Keys that may change on a "
                               f"resume: {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in MAY_CHANGE_ON_RESUME)}")
     if cfg.init and cfg.init != "random":
-        from .outputs import file_sha256
-
         started = json.loads((path / "train_state.json").read_text()).get("init_sha256")
         now = file_sha256(cfg.init)
         if started and now != started:

@@ -8,7 +8,7 @@
             encoder (attention: its family's `attention_maps`), weights loaded
     images=a.jpg,b*.png  each resized and centre-cropped as the eval transform (data.crop_pct)
     or a shard split     num_images images spread over data.val (data.name=digits: the embedded set)
-         -> ssl_vit/pictures.py draws the grid -> out (PNG)
+         -> ssl_vit/tasks/pictures.py draws the grid -> out (PNG)
 """
 from __future__ import annotations
 
@@ -21,9 +21,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import config
+import torch
+from webdataset.tariterators import tarfile_samples
+
+from .. import recipes
+from ..config import CheckpointError, Config, ConfigError
+from ..data.loaders import image_size, shard_source
+from ..data.transforms import IMAGE_KEYS, DeviceNormalize, build_transform
+from ..models import build_encoder, family_for_arch, family_of, registered_families
+from ..models.files import FORMAT, export_description, read_checkpoint, unwrap
+from ..tasks import pictures, registered_tasks, task_class
+from ..weights import load_weights
 from .commands import init_settings
-from .config import Config, ConfigError
 from .exits import exit_on_error
 
 MODES = ("reconstruct", "attention")
@@ -110,10 +119,10 @@ def visualize(argv: Optional[Sequence[str]] = None) -> int:
     if cfg.images is not None:
         image_paths(cfg.images)  # a mistyped path fails before a large checkpoint is read
     checkpoint = _read(cfg.init)
-    settings, task = _settings_of(mode, cfg, checkpoint, config.command_line_keys(argv))
+    settings, task = _settings_of(mode, cfg, checkpoint, recipes.command_line_keys(argv))
     cfg = _load_config(argv, adopted=(f"{Path(cfg.init).name}", settings))
     if cfg.print_config:
-        print(config.to_yaml(cfg), end="")
+        print(recipes.to_yaml(cfg), end="")
         return 0
     if task is not None and not checkpoint["ours"]:  # what was read from the tensors, and assumed
         shown = ", ".join(f"{k}={v}" for k, v in cfg.task.items())
@@ -123,7 +132,7 @@ def visualize(argv: Optional[Sequence[str]] = None) -> int:
 
 def _load_config(argv: list[str], **adopted):
     try:
-        return config.load(argv, schema=VisualizeConfig, command="visualize.py", default_recipe="mae_base", **adopted)
+        return recipes.load(argv, schema=VisualizeConfig, command="visualize.py", default_recipe="mae_base", **adopted)
     except ConfigError as e:
         if not str(e).startswith("unknown key"):
             raise
@@ -140,10 +149,6 @@ def _suggest_option(argv: list[str]) -> str:
 
 
 def draw(mode: str, cfg, checkpoint: dict, task) -> int:
-    from . import pictures
-    from .data import DeviceNormalize
-    from .models import family_of
-
     model = _build_model(mode, cfg, checkpoint, task)
     images = load_images(cfg)
     normalize = DeviceNormalize(cfg.data.mean, cfg.data.std)
@@ -173,8 +178,6 @@ def draw(mode: str, cfg, checkpoint: dict, task) -> int:
 
 
 def _read(path: str) -> dict:
-    from .checkpoint import FORMAT, CheckpointError, read_checkpoint, unwrap
-
     try:
         raw, metadata = read_checkpoint(path)
         state, _ = unwrap(raw)
@@ -190,10 +193,6 @@ def _settings_of(mode: str, cfg, checkpoint: dict, explicit: set[str]):
     draws it. Our exports record the whole encoder (in the safetensors metadata), the run's task and
     input (in the JSON beside); official MAE, timm and DeiT files carry no config, so the tensors'
     shapes say what they can (the families' and tasks' `config_from_state`)."""
-    from .checkpoint import export_description
-    from .models import family_for_arch, registered_families
-    from .tasks import registered_tasks, task_class
-
     state = checkpoint["state"]
     if checkpoint["ours"]:
         encoder = json.loads(checkpoint["metadata"]["encoder"])
@@ -220,8 +219,8 @@ def _settings_of(mode: str, cfg, checkpoint: dict, explicit: set[str]):
     if mode != "reconstruct":
         return settings, None
     name = recorded.get("name") if checkpoint["ours"] else None
-    tasks = [task_class(name)] if name else [t for t in registered_tasks().values() if t.claims_checkpoint(state)]
-    task = next((t for t in tasks if t.reconstructs and t.claims_checkpoint(state)), None)
+    tasks = [task_class(name)] if name else [t for t in registered_tasks().values() if t.checkpoint_format(state)]
+    task = next((t for t in tasks if t.reconstructs and t.checkpoint_format(state)), None)
     if task is None:
         raise ConfigError(f"init={cfg.init} holds no MAE decoder (nor another model that reconstructs images), so "
                           "nothing can be reconstructed: give the model.safetensors of an MAE run (not "
@@ -234,9 +233,6 @@ def _settings_of(mode: str, cfg, checkpoint: dict, explicit: set[str]):
 
 
 def _build_model(mode: str, cfg, checkpoint: dict, task):
-    from .checkpoint import CheckpointError, load_weights
-    from .models import build_encoder
-
     model = task.build(cfg, 0) if mode == "reconstruct" else build_encoder(cfg.model)
     try:  # our exports by path (their metadata records the grid), foreign files as already read
         report = load_weights(model, cfg.init if checkpoint["ours"] else checkpoint["raw"])
@@ -256,11 +252,6 @@ def _build_model(mode: str, cfg, checkpoint: dict, task):
 def load_images(cfg):
     """uint8 [N, 3, H, W] at model.img_size: the files of `images=`, through the eval transform
     (resize to img_size / data.crop_pct, centre crop), or num_images spread over a shard split."""
-    import torch
-
-    from .data.loaders import image_size
-    from .data.transforms import build_transform
-
     if cfg.images is None:
         return _split_images(cfg)
     transform = build_transform(cfg.data, image_size(cfg), training=False)
@@ -297,13 +288,6 @@ def image_paths(spec) -> list[Path]:
 def _split_images(cfg):
     """num_images images spread evenly over a shard split (a split written class by class still shows
     several classes); only those are decoded."""
-    import torch
-    from webdataset.tariterators import tarfile_samples
-
-    from .data import shard_source
-    from .data.loaders import image_size
-    from .data.transforms import IMAGE_KEYS, build_transform
-
     split = cfg.split
     if split not in ("train", "val"):
         raise ConfigError(f"split={split!r}: use val or train")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -113,15 +112,15 @@ class FullySharded:
         if dist.get_world_size() > 1:
             for tensor in [*task.parameters(), *task.buffers()]:
                 dist.broadcast(tensor.data, src=0)
-        units = [(name, module) for name, module in task.named_modules() if re.search(r"blocks\.\d+$", name)]
-        for _, module in units:
+        units = task.fsdp_units()  # its blocks, as its encoder's family and the task declare them
+        for module in units:
             fully_shard(module, mesh=self.mesh, mp_policy=policy)
         fully_shard(task, mesh=self.mesh, mp_policy=policy)
         # the contract's entry points other than forward (evaluation, k-NN, pictures) gather the
         # task's own shards too; inside them each block gathers its own
         for method in EVALUATION_METHODS:
             register_fsdp_forward_method(task, method)
-        return [name for name, _ in units]
+        return units
 
     def prepare(self, model: nn.Module, optimizer):
         return model, optimizer

@@ -1,215 +1,33 @@
-"""What makes a run resumable: its state between steps, its checkpoints, and how it is asked to stop.
+"""A run's checkpoints: written whole or not at all, the last K kept, verified before a resume.
 
     checkpoints/step_XXXXXXXX/   written as .step_XXXXXXXX.tmp and renamed when complete (a crash
                                  leaves a .tmp that is ignored); the last train.keep_checkpoints kept
         Accelerate's save_state  model, optimizer, every rank's RNG states
         ema.safetensors          the EMA weights, when train.ema_decay is set
         train_state.json         TrainState: step, samples seen, skipped steps, best evaluation
-        config.yaml              the resolved recipe the checkpoint was trained with (run_folder.py)
-        manifest.json            every file and its size: a truncated or missing file makes the
-                                 checkpoint incomplete, and resuming falls back to the previous one
-
-Asking a run to stop: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C; a second one stops at once) to the
-training processes, the launcher dying (Linux tells a launched rank), or a STOP file; each ends in a
-checkpoint and exit code 0. Loader workers ignore these signals: the trainer decides.
+        config.yaml              the resolved recipe the checkpoint was trained with (run/folder.py)
+        manifest.json            every file, its size and sha256: a missing, truncated or changed file
+                                 makes the checkpoint damaged, and resuming falls back to the previous one
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
-import random
 import shutil
-import signal
 import sys
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
-from .config import ConfigError
-from .data.worker_start import STOP_SIGNALS, die_with_parent
+from accelerate.utils import load as accelerate_load
+from safetensors.torch import load_file, save_file
+
+from ..config import ConfigError
+from .state import TrainState, starts_over
 
 CHECKPOINT_PREFIX = "step_"
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint needs beyond model, optimizer and RNG (which Accelerate saves); JSON."""
-    step: int = 0
-    samples_seen: int = 0
-    nonfinite_total: int = 0
-    nonfinite_streak: int = 0
-    world_size: int = 1
-    best: dict = field(default_factory=dict)     # the best evaluation so far (classification): metrics + step
-    history: list = field(default_factory=list)  # resumes: [{"step":, "world_size":}]
-    init_sha256: Optional[str] = None            # the file the run started from, to notice it changed
-    evaluation_due: bool = False                 # a stop abandoned the evaluation of this step: redone on resume
-
-
-def starts_over(resume: str) -> bool:
-    return str(resume).lower() in ("false", "no", "off", "none")
-
-
-class StopRequested(Exception):
-    """A stop was asked for (and, with several processes, agreed on by every rank) while a step or an
-    evaluation was in progress: it is abandoned, and the run checkpoints its last complete step."""
-
-
-_ASKED_EARLY = []  # stop signals that came before the trainer existed (while it imported and built)
-
-
-def catch_stop_signals_early() -> None:
-    """From a command's first line: a stop signal during start-up (imports, data checks, building the
-    model) is remembered and honoured before the first step, instead of killing the process."""
-    def remember(signum, frame):
-        if signum == signal.SIGINT and signal.SIGINT in _ASKED_EARLY:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        _ASKED_EARLY.append(signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, remember)
-
-
-class Preemption:
-    """Ways to ask a run for a checkpoint and a clean exit (code 0): SIGTERM, SIGUSR1 or SIGINT to the
-    training processes (cluster preemption, `timeout`, Ctrl-C: a second Ctrl-C stops at once), the
-    launcher dying (a launched rank asks Linux for SIGTERM then), or a file named STOP in the output
-    folder (what tools/slurm_pretrain.sh creates when SLURM warns the job; it works whatever the
-    launchers in between do with signals). The file is removed when the checkpoint is written.
-
-    The launchers give a stopped run little time before they SIGKILL it: `accelerate launch` with one
-    process 5 s, torchrun (`accelerate launch --multi_gpu`) 30 s. So a stop is honoured at once, not at
-    the end of a step that may take longer than that:
-      - one process: a signal during the step's data fetch, forward or backward raises StopRequested
-        where the step is (Python runs the handler between two operations; a backward pass, one C++
-        call, finishes first); during the update, the stop waits for its end (milliseconds);
-      - several processes: the ranks agree (an all-reduce of one number on a CPU-side gloo group, no
-        device synchronisation) before every micro-batch and every evaluation batch, and all abandon
-        the step together: a rank cannot leave a step alone, the others would wait in its collectives.
-    """
-
-    def __init__(self, stop_file: Path, watch_file: bool, launched: bool = False, group=None):
-        """`group`: the gloo process group of a multi-process run (None with one process)."""
-        self.requested, self.stop_file, self.watch_file = bool(_ASKED_EARLY), stop_file, watch_file
-        self.group, self.abandonable = group, False
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-        if launched:
-            _term_when_parent_dies()
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
-        self.requested = True
-        if self.abandonable:
-            self.abandonable = False
-            raise StopRequested(signal.Signals(signum).name)
-
-    @contextmanager
-    def step_in_progress(self):
-        """The part of a step a stop may abandon (one process only: see the class)."""
-        self.abandonable = self.group is None
-        try:
-            yield
-        finally:
-            self.abandonable = False
-
-    def asked(self) -> bool:
-        """Whether this process was asked to stop."""
-        return self.requested or (self.watch_file and self.stop_file.exists())
-
-    def agreed(self) -> bool:
-        """Whether any rank was asked to stop: the same answer on every rank (a collective)."""
-        return self._reduce([self.asked()])[0] > 0
-
-    def check(self) -> None:
-        """Raise StopRequested if a stop was asked for (on any rank): call it at the same points on
-        every rank, as any collective."""
-        if self.agreed():
-            raise StopRequested("asked")
-
-    def rounds(self, items: Iterable) -> Iterator:
-        """`items` (an evaluation's batches), checking for a stop before each one. With several
-        processes the ranks may hold different numbers of batches (an evaluation reads each sample
-        once, without padding): a rank out of batches keeps taking part in the rounds until every rank
-        is, so that all of them agree on a stop at the same round."""
-        iterator, more = iter(items), True
-        try:
-            while True:
-                item = next(iterator, _END) if more else _END
-                more = item is not _END
-                stop, anyone_more = self._reduce([self.asked(), more])
-                if stop > 0:
-                    raise StopRequested("asked")
-                if not anyone_more:
-                    return
-                if more:
-                    yield item
-        finally:
-            if hasattr(iterator, "close"):  # a loader's generator: its workers end now (data/loaders.py)
-                iterator.close()
-
-    def _reduce(self, flags: list) -> list[float]:
-        if self.group is None:
-            return [float(f) for f in flags]
-        import torch
-        import torch.distributed as dist
-
-        values = torch.tensor([float(f) for f in flags])  # on the CPU: no device synchronisation
-        dist.all_reduce(values, group=self.group)
-        return values.tolist()
-
-    def clear(self) -> None:
-        """Remove the STOP file (once honoured, or left by a run that died before honouring it)."""
-        if self.watch_file:
-            self.stop_file.unlink(missing_ok=True)
-
-
-_END = object()
-
-
-class StepStart:
-    """What a step changes before its update, recorded at its start so that an abandoned step leaves
-    no trace: the RNG states (the ones Accelerate's save_state saves: Python's, NumPy's, torch's CPU
-    and CUDA generators; a step draws masks and crops from them), the module's buffers (BatchNorm
-    statistics, updated by the forward) and Accelerate's count of micro-batches (its `step`, saved in
-    the checkpoint: it decides at which micro-batch gradients are synchronised and the optimizer
-    steps, so one abandoned micro-batch would shift every later step's accumulation by one).
-    Parameters and optimizer states change only in the update, which is never abandoned. Costs one
-    small copy of each per step."""
-
-    def __init__(self, module, accelerator=None):
-        parameters = {id(p) for p in module.parameters()}
-        self.buffers = [t for t in module.state_dict(keep_vars=True).values() if id(t) not in parameters]
-        self.accelerator = accelerator
-
-    def capture(self) -> tuple:
-        import numpy as np
-        import torch
-
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        counter = None
-        if self.accelerator is not None:
-            counter = (self.accelerator.step, self.accelerator.gradient_state.sync_gradients)
-        return (random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda,
-                [b.detach().clone() for b in self.buffers], counter)
-
-    def restore(self, saved: tuple) -> None:
-        import numpy as np
-        import torch
-
-        python, numpy_state, cpu, cuda, buffers, counter = saved
-        random.setstate(python)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        with torch.no_grad():
-            for buffer, value in zip(self.buffers, buffers):
-                buffer.copy_(value)
-        if counter is not None:
-            self.accelerator.step = counter[0]
-            self.accelerator.gradient_state._set_sync_gradients(counter[1])
 
 
 class Checkpoints:
@@ -217,7 +35,7 @@ class Checkpoints:
 
     def __init__(self, accelerator, directory: Path, keep: int, save_state=None, load_state=None):
         """`save_state(folder)` / `load_state(folder)`: the model's, optimizer's and RNGs' (Accelerate's
-        save_state by default; torch's distributed checkpoint under FSDP, sharding.py)."""
+        save_state by default; torch's distributed checkpoint under FSDP, run/sharding.py)."""
         self.accelerator, self.directory, self.keep = accelerator, Path(directory), keep
         self.save_state = save_state or (lambda folder: accelerator.save_state(str(folder)))
         self.load_state = load_state or (lambda folder: accelerator.load_state(str(folder)))
@@ -254,8 +72,6 @@ class Checkpoints:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 if ema is not None:
-                    from safetensors.torch import save_file
-
                     save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()},
                               str(tmp / "ema.safetensors"))
                 (tmp / "config.yaml").write_text(config_text)
@@ -314,8 +130,6 @@ class Checkpoints:
         accelerator = self.accelerator
         self.load_state(path)
         if ema is not None and (path / "ema.safetensors").is_file():
-            from safetensors.torch import load_file
-
             ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(accelerator.device)))
         saved = json.loads((path / "train_state.json").read_text())
         state = TrainState(**saved)
@@ -369,8 +183,6 @@ def damaged(path: Path) -> Optional[str]:
 
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, read in 4 MB pieces."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for piece in iter(lambda: f.read(1 << 22), b""):
@@ -384,13 +196,9 @@ def _unloadable(file: Path) -> Optional[str]:
     Accelerate's RNG states hold)."""
     try:
         if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             load_file(str(file))
         elif file.suffix in (".bin", ".pt", ".pkl", ".pth"):
-            from accelerate.utils import load
-
-            if not isinstance(load(file, map_location="cpu"), dict):
+            if not isinstance(accelerate_load(file, map_location="cpu"), dict):
                 return f"{file.name} does not hold a state (a dict)"
     except Exception as error:  # whatever the reader raises on damaged bytes: the file is damaged
         return f"{file.name} does not load ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
@@ -408,8 +216,6 @@ def _writing_error(error: BaseException, final: Path) -> BaseException:
     """A failed checkpoint write, said plainly when the file system refused it (a full disk: torch
     reports it as '[enforce fail at inline_container.cc:...]', safetensors as its own error); any other
     failure is a defect and keeps its traceback."""
-    import errno
-
     free = shutil.disk_usage(final.parent).free if final.parent.exists() else None
     text = f"{getattr(error, 'strerror', None) or ''} {error}"
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
@@ -427,8 +233,3 @@ def _writing_error(error: BaseException, final: Path) -> BaseException:
                        "re-run the same command")
 
 
-def _term_when_parent_dies() -> None:
-    """A launched rank asks Linux for SIGTERM when its launcher exits (a stop request like any other).
-    Only for processes a launcher started: a run under nohup must outlive its shell."""
-    if not die_with_parent(signal.SIGTERM):  # the launcher died before the call: nobody would send it
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -16,10 +16,25 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import tempfile
+
+import torch
+from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from . import config
-from .config import ConfigError
+from .. import recipes
+from ..config import Config, ConfigError
+from ..data.loaders import num_classes, shard_source
+from ..data.transforms import DeviceNormalize
+from ..data.worker_start import ignore_stop_signals, start_worker_server
+from ..eval import knn_evaluate
+from ..models import build_encoder, describe_encoder, family_for_arch
+from ..recipes import recipe_task
+from ..run import Trainer, check_batch, close_processes, mixed_precision
+from ..run.outputs import INPUT_KEYS, write_metrics
+from ..run.stops import catch_stop_signals_early
+from ..tasks import registered_tasks, task_class
+from ..weights import export_description, load_weights
 from .exits import exit_on_error
 
 
@@ -27,21 +42,21 @@ def _argv(argv: Optional[Sequence[str]]) -> list[str]:
     return list(sys.argv[1:] if argv is None else argv)
 
 
-def load_config(argv: Sequence[str], command: str, default_recipe: Optional[str] = None, schema: type = config.Config,
+def load_config(argv: Sequence[str], command: str, default_recipe: Optional[str] = None, schema: type = Config,
                 accepts=None):
     """The recipe + what the JSON beside an `init` export (or `like=` with init=random) says about its
     encoder and input + the command line, validated. `accepts`: the tasks the command runs (its
     --help lists their recipes only)."""
-    recipes = (lambda: runnable_recipes(accepts)) if accepts is not None else None
-    cfg = config.load(argv, schema=schema, command=command, default_recipe=default_recipe, check=False,
-                      recipes=recipes)
-    adopted = init_settings(cfg, config.command_line_keys(argv))
+    listed = (lambda: runnable_recipes(accepts)) if accepts is not None else None
+    cfg = recipes.load(argv, schema=schema, command=command, default_recipe=default_recipe, check=False,
+                       recipes=listed)
+    adopted = init_settings(cfg, recipes.command_line_keys(argv))
     if not adopted:
-        config.validate(cfg)
+        recipes.validate(cfg)
         return cfg
     where = (f"{Path(cfg.init).with_suffix('.json').name} beside init" if cfg.init != "random"
              else f"like={cfg.like}")
-    cfg = config.load(argv, schema=schema, command=command, default_recipe=default_recipe, adopted=(where, adopted))
+    cfg = recipes.load(argv, schema=schema, command=command, default_recipe=default_recipe, adopted=(where, adopted))
     if int(os.environ.get("RANK", "0")) == 0 and not cfg.print_config:
         shown = ", ".join(f"{key}={OmegaConf.to_container(value) if OmegaConf.is_config(value) else value}"
                           for key in adopted for value in [OmegaConf.select(cfg, key)])
@@ -64,10 +79,6 @@ def init_settings(cfg, explicit: set[str]) -> dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"init={cfg.init}: no such file; give a checkpoint (ours, timm, official MAE or DeiT) "
                               "or init=random")
-    from .checkpoint import export_description
-    from .models import family_for_arch
-    from .outputs import INPUT_KEYS
-
     saved = export_description(path) if path.suffix == ".safetensors" else {}
     encoder = saved.get("encoder") or {}
     if not encoder:
@@ -102,8 +113,6 @@ def like_export(like: str) -> Path:
 
 def _require(cfg, command: str, accepts, what: str, needs_init: bool) -> None:
     """The tasks a command runs, by what they say of themselves (tasks/base.py)."""
-    from .tasks import registered_tasks, task_class
-
     if not accepts(task_class(cfg.task.name)):
         fitting = [name for name, cls in registered_tasks().items() if accepts(cls)]
         recipes = ", ".join(runnable_recipes(accepts)) or "none"
@@ -118,25 +127,17 @@ def _require(cfg, command: str, accepts, what: str, needs_init: bool) -> None:
 
 def runnable_recipes(accepts) -> list[str]:
     """The recipes whose task a command runs (for its errors and --help)."""
-    from .recipe_loading import recipe_task
-    from .tasks import registered_tasks
-
     tasks = registered_tasks()
-    return [name for name in config.available_recipes()
+    return [name for name in recipes.available_recipes()
             if (task := recipe_task(name)) in tasks and accepts(tasks[task])]
 
 
 def _train(argv, command: str, accepts, what: str, needs_init: bool) -> int:
-    from .data.worker_start import ignore_stop_signals, start_worker_server
-    from .run_state import catch_stop_signals_early
-
     catch_stop_signals_early()
-    from .train import Trainer
-
     argv = _argv(argv)
     cfg = load_config(argv, command, accepts=accepts)
     if cfg.print_config:
-        print(config.to_yaml(cfg), end="")
+        print(recipes.to_yaml(cfg), end="")
         return 0
     _require(cfg, command, accepts, what, needs_init)
     check_before_start(cfg)
@@ -153,12 +154,10 @@ def _train(argv, command: str, accepts, what: str, needs_init: bool) -> int:
 def check_before_start(cfg) -> None:
     """What can be known before any process group, model or data loader exists: the data is there,
     the global batch splits over the processes the launcher started, the output folder can be written."""
-    from .train import check_batch
-
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise ConfigError("accelerate launch --use_fsdp hands the model to Accelerate's FSDP plugin, which this loop "
                           "does not use: launch as for DDP (--multi_gpu) and pass train.sharding=fsdp")
-    config.check_data(cfg)
+    recipes.check_data(cfg)
     check_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     folder = Path(cfg.train.output_dir).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
@@ -173,8 +172,6 @@ def check_before_start(cfg) -> None:
 def _cannot_write_into(folder: Path) -> Optional[str]:
     """Why a folder cannot be written, found by writing: permission bits do not stop root, while a
     read-only or full file system stops everyone."""
-    import tempfile
-
     if not folder.is_dir():
         return "a file where a folder should be"
     try:
@@ -208,27 +205,16 @@ def linear_probe(argv: Optional[Sequence[str]] = None) -> int:
 def knn(argv: Optional[Sequence[str]] = None) -> int:
     """`python tools/knn.py init=PATH [recipe=NAME] [key=value ...]`: k-NN top-1 / top-5 of an encoder's
     features on data.val with data.train as memory (DINO's protocol), written to output_dir/metrics.json."""
-    import torch
-    from accelerate import Accelerator
-
-    from .checkpoint import load_weights
-    from .data import DeviceNormalize, num_classes, shard_source
-    from .data.worker_start import start_worker_server
-    from .evaluate import knn_evaluate
-    from .models import build_encoder, describe_encoder
-    from .outputs import write_metrics
-    from .train import close_processes, mixed_precision
-
     argv = _argv(argv)
     # the digits set without a recipe: the digits encoder (recipes/knn_digits.yaml), not ViT-B/16 at 224 px
     cfg = load_config(argv, "knn.py", default_recipe="knn_digits" if "data.name=digits" in argv else "knn")
     if cfg.print_config:
-        print(config.to_yaml(cfg), end="")
+        print(recipes.to_yaml(cfg), end="")
         return 0
     if not cfg.init:
         raise ConfigError("knn.py needs init=PATH (an encoder's weights) or init=random like=<an export or run "
                           "folder> for a randomly initialised encoder of the same architecture")
-    config.check_data(cfg, ("train", "val"))
+    recipes.check_data(cfg, ("train", "val"))
     start_worker_server()  # several processes: it loads torch while the encoder loads (data/worker_start.py)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg.train.precision))
     if cfg.init == "random":
@@ -249,7 +235,7 @@ def knn(argv: Optional[Sequence[str]] = None) -> int:
         output = Path(cfg.train.output_dir)
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(f"# resolved recipe {cfg.recipe!r}, written by knn.py; reusable as "
-                                            "recipe=<this file>\n" + config.to_yaml(cfg))
+                                            "recipe=<this file>\n" + recipes.to_yaml(cfg))
         line = write_metrics(output, cfg, {"protocol": "knn", **metrics})
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

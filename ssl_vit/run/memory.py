@@ -10,10 +10,12 @@ without activation checkpointing; attention is counted as PyTorch's reference ke
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
+
+from ..models import family_of
+from ..tasks import task_class
 
 GIB = 2 ** 30
 
@@ -29,19 +31,17 @@ class ModelMemory:
 
 
 def measure(cfg) -> ModelMemory:
-    from .tasks import task_class
-
     dtype = torch.float32 if cfg.train.precision == "no" else torch.bfloat16
     with torch.device("meta"):
         task = task_class(cfg.task.name).build(cfg, max(1, cfg.model.num_classes or 1000))
     task = task.to(dtype)
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in task.parameters() if not p.requires_grad)
-    units = [m for name, m in task.named_modules() if re.search(r"blocks\.\d+$", name)]
+    units = task.fsdp_units()
     largest = max((sum(p.numel() for p in m.parameters()) for m in units), default=trainable)
     plain = _saved_per_image(task, cfg, dtype, checkpointing=False)
     checkpointed = _saved_per_image(task, cfg, dtype, checkpointing=True)
-    depth = max(1, len([m for name, m in task.named_modules() if re.search(r"encoder\.blocks\.\d+$", name)]))
+    depth = max(1, len(family_of(task.encoder).fsdp_units(task.encoder)))
     # the recomputed block in the backward pass: one block's share of what checkpointing saved away
     recomputed = (plain - checkpointed) / depth
     return ModelMemory(trainable, frozen, largest, plain, checkpointed + recomputed, 2 if dtype != torch.float32 else 4)
