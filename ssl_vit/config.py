@@ -87,6 +87,7 @@ class OptimConfig:
     lr_base_batch: int = 256              # the batch blr is quoted for (MAE 256, DeiT 512)
     min_lr: float = 0.0                   # where the cosine ends
     weight_decay: float = 0.05            # decoupled (AdamW); not on biases, norms, tokens, position tables
+    weight_decay_end: Optional[float] = None  # set: weight decay from weight_decay to this by a cosine over the run (DINO)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's
     momentum: float = 0.9                 # LARS / SGD
     epochs: float = 800                   # the schedule's length; fractions allowed
@@ -201,8 +202,8 @@ def check_general(cfg: DictConfig) -> None:
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps} must be positive (train.max_steps=null runs the "
                           "whole schedule)")
-    for key in ("optim.blr", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad", "optim.momentum",
-                "optim.epochs", "optim.warmup_epochs"):
+    for key in ("optim.blr", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.weight_decay_end",
+                "optim.clip_grad", "optim.momentum", "optim.epochs", "optim.warmup_epochs"):
         value = OmegaConf.select(cfg, key)
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"{key}={value} is not a finite number")
@@ -210,8 +211,8 @@ def check_general(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
-    for key in ("optim.min_lr", "optim.weight_decay"):
-        if OmegaConf.select(cfg, key) < 0:
+    for key in ("optim.min_lr", "optim.weight_decay", "optim.weight_decay_end"):
+        if (OmegaConf.select(cfg, key) or 0) < 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 0")
     if not 0 <= cfg.optim.momentum < 1 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.momentum={cfg.optim.momentum} and optim.betas={list(cfg.optim.betas)} must be in [0, 1)")

@@ -78,3 +78,58 @@ def tiny_mae_run(tmp_path_factory, env):
     run_command([sys.executable, str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits", f"train.output_dir={out}",
                  "train.max_steps=3", "log.images_every=1", *TINY_MAE], env)
     return out
+
+
+# The same steps on 1 process and on 2 (DDP or FSDP): a script that builds the run's parts, makes each
+# step's global batch with `make_batch` (code: `g` a seeded generator, giving `samples`: a list of
+# per-sample dicts of tensors or of lists of view tensors), gives each rank its micro-batches, and
+# writes the all-reduced losses; then the exports.
+STEPS_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from ssl_vit import recipes
+from ssl_vit.run import Trainer
+cfg = recipes.load(["recipe={recipe}", *{tiny!r}, "train.output_dir={out}", *{extra!r}])
+trainer = Trainer(cfg)
+g = torch.Generator().manual_seed(0)
+rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+def part(value, i, per):
+    return [v[i * per:(i + 1) * per] for v in value] if isinstance(value, list) else value[i * per:(i + 1) * per]
+losses = []
+for step in range(3):  # the same global batch per step, split over ranks and micro-batches
+{make_batch}
+    total = len(batch["labels"])
+    per = total // world // trainer.plan.accumulation
+    first = rank * trainer.plan.accumulation
+    micro = [{{key: part(value, i, per) for key, value in batch.items()}}
+             for i in range(first, first + trainer.plan.accumulation)]
+    loss = trainer.train_step(micro)["loss"].detach().clone()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    losses.append(float(loss))
+trainer.state.step = 3
+trainer.export()
+block = dict(trainer.task.named_parameters())["encoder.blocks.0.attn.qkv.weight"]
+if rank == 0:
+    json.dump(dict(losses=losses, sharded=trainer.parallel.sharded, dtensor=type(block).__name__),
+              open("{out}/steps.json", "w"))
+trainer.close()
+"""
+
+
+def run_steps(tmp_path: Path, env: dict, name: str, launcher: list, recipe: str, tiny: list, make_batch: str,
+              extra: list = ()):
+    """STEPS_SCRIPT under `launcher` ([python] or torchrun): (its output folder, steps.json)."""
+    import json
+    import subprocess
+
+    out = tmp_path / name
+    out.mkdir()
+    script = tmp_path / f"{name}.py"
+    body = STEPS_SCRIPT.format(root=str(ROOT), recipe=recipe, tiny=list(tiny), out=out, extra=list(extra),
+                               make_batch=textwrap.indent(textwrap.dedent(make_batch).strip("\n"), "    "))
+    script.write_text(main_script(body))
+    result = subprocess.run([*launcher, str(script)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads((out / "steps.json").read_text())

@@ -1,5 +1,5 @@
-"""A plugin for the tests of how runs end (loaded with `imports=[tests/faulty_tasks.py]`): MAE whose
-forward misbehaves when the environment asks, so that a test can put an error, a slow step or a
+"""A plugin for the tests of how runs end (loaded with `imports=[tests/faulty_tasks.py]`): MAE
+(`faulty_mae`) and DINO (`faulty_dino`) whose forward misbehaves when the environment asks, so that a test can put an error, a slow step or a
 non-finite loss exactly where it wants it. The environment, not the recipe, says so: a run and its
 resumption then have the same recipe, and the resumed one can behave.
 
@@ -23,6 +23,7 @@ import torch
 
 from ssl_vit.config import ConfigError
 from ssl_vit.tasks import register_task
+from ssl_vit.tasks.dino import DINO, DINOConfig
 from ssl_vit.tasks.mae import MAE, MAEConfig
 
 
@@ -31,33 +32,36 @@ class FaultyConfig(MAEConfig):
     name: str = "faulty_mae"
 
 
+@dataclass
+class FaultyDINOConfig(DINOConfig):
+    name: str = "faulty_dino"
+
+
 def _wait(seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(0.01)
 
 
-@register_task
-class FaultyMAE(MAE):
-    name = "faulty_mae"
-    Config = FaultyConfig
+class Faulty:
+    """The faults, before the task's own forward (put it first among the bases)."""
     calls = 0
 
     def forward(self, batch, *args, **kwargs):
-        FaultyMAE.calls += 1
+        Faulty.calls += 1
         env = os.environ
         on_this_rank = env.get("FAULTY_FAIL_RANK") in (None, env.get("RANK", "0"))
-        if on_this_rank and FaultyMAE.calls == int(env.get("FAULTY_FAIL_AT", "0")):
+        if on_this_rank and Faulty.calls == int(env.get("FAULTY_FAIL_AT", "0")):
             kind = env.get("FAULTY_FAIL_WITH", "crash")
             if kind == "mistake":
-                raise ConfigError(f"shard-000001.tar: sample {FaultyMAE.calls} cannot be used (a stand-in for a bad "
+                raise ConfigError(f"shard-000001.tar: sample {Faulty.calls} cannot be used (a stand-in for a bad "
                                   "shard read by this rank only)")
             if kind == "interrupt":
                 raise KeyboardInterrupt
-            print(f"faulty_mae: forward call {FaultyMAE.calls} fails, as asked", flush=True)  # the soak's cue
-            raise RuntimeError(f"faulty_mae: forward call {FaultyMAE.calls} fails, as asked")
+            print(f"{self.name}: forward call {Faulty.calls} fails, as asked", flush=True)  # the soak's cue
+            raise RuntimeError(f"{self.name}: forward call {Faulty.calls} fails, as asked")
         slow_from = int(env.get("FAULTY_SLOW_FROM", "0"))
-        if slow_from and FaultyMAE.calls >= slow_from:
+        if slow_from and Faulty.calls >= slow_from:
             _wait(float(env.get("FAULTY_SLOW_SECONDS", "60")))
         output = super().forward(batch, *args, **kwargs)
         if env.get("FAULTY_NAN"):
@@ -67,3 +71,17 @@ class FaultyMAE(MAE):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         _wait(float(os.environ.get("FAULTY_SLOW_EVAL", "0")))
         return super().features(images)
+
+
+@register_task
+class FaultyMAE(Faulty, MAE):
+    """MAE with the faults its environment asks for."""
+    name = "faulty_mae"
+    Config = FaultyConfig
+
+
+@register_task
+class FaultyDINO(Faulty, DINO):
+    """DINO with the faults its environment asks for."""
+    name = "faulty_dino"
+    Config = FaultyDINOConfig

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -69,6 +70,67 @@ class ToyRotation(Task):
         logits = self.head(self.encoder.forward_head(self.encoder.forward_features(rotated), pre_logits=True))
         accuracy = 100.0 * (logits.argmax(1) == turns).float().mean()  # stays on the device
         return TaskOutput(loss=F.cross_entropy(logits.float(), turns), metrics={"rotation_top1": accuracy})
+
+
+# -------------------------------------------------------------------------------------------
+# a method with more of the loop: a student and an EMA teacher (a "mean teacher", Tarvainen &
+# Valpola 2017), the teacher updated by the contract's step hook, never inside forward
+
+
+@dataclass
+class MeanTeacherConfig(TaskConfig):
+    name: str = "toy_mean_teacher"
+    momentum: float = 0.9                 # the teacher's EMA
+    nan_at_step: Optional[int] = None     # a non-finite loss at this step (the hook must not run after it)
+
+
+@register_task
+class ToyMeanTeacher(Task):
+    """mean teacher: the student matches an EMA teacher on a flipped view."""
+    name = "toy_mean_teacher"
+    Config = MeanTeacherConfig
+    evaluation = "knn"
+
+    @classmethod
+    def build(cls, cfg, num_classes: int = 0) -> "ToyMeanTeacher":
+        torch.manual_seed(cfg.train.seed)
+        return cls(build_encoder(cfg.model, num_classes=0), build_encoder(cfg.model, num_classes=0), cfg.task)
+
+    def __init__(self, encoder: nn.Module, teacher: nn.Module, task_cfg):
+        super().__init__()
+        self.encoder, self.teacher = encoder, teacher
+        self.teacher.load_state_dict(encoder.state_dict())
+        self.teacher.requires_grad_(False)
+        self.momentum, self.nan_at_step = task_cfg.momentum, task_cfg.nan_at_step
+        # what the hooks saw, checkpointed with the task: updates taken, the last one's index, steps started
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_update", torch.full((), -1, dtype=torch.long))
+        self.register_buffer("starts", torch.zeros((), dtype=torch.long))
+        self.step_at_hand: Optional[int] = None
+
+    def start_step(self, progress) -> None:
+        self.step_at_hand = progress.step
+        self.starts += 1
+
+    @torch.no_grad()
+    def after_update(self, progress) -> None:
+        for t, s in zip(self.teacher.parameters(), self.encoder.parameters()):
+            t.mul_(self.momentum).add_(s.detach(), alpha=1 - self.momentum)
+        self.updates += 1
+        self.last_update.fill_(progress.step)
+
+    def evaluated_encoder(self) -> nn.Module:
+        return self.teacher
+
+    def forward(self, batch: dict) -> TaskOutput:
+        images = batch["images"]
+        student = self.encoder.forward_head(self.encoder.forward_features(images), pre_logits=True)
+        with torch.no_grad():
+            target = self.teacher.forward_head(self.teacher.forward_features(images.flip(-1)), pre_logits=True)
+        loss = F.mse_loss(F.normalize(student.float(), dim=-1), F.normalize(target.float(), dim=-1))
+        if self.nan_at_step is not None and self.step_at_hand == self.nan_at_step:
+            loss = loss * float("nan")
+        return TaskOutput(loss=loss, metrics={})
 
 
 # -------------------------------------------------------------------------------------------
@@ -147,6 +209,9 @@ TASK_RECIPES = {  # a CPU-sized recipe of each task
     "beit": ["recipe=beit_digits", *TINY_VIT, "task.num_mask_patches=6", "task.min_mask_patches_per_block=2",
              "task.tokenizer.path=random"],
     "dvae": ["recipe=dvae_digits", "model.hidden_dim=8", "model.code_dim=4", "model.vocab_size=32"],
+    "dino": ["recipe=dino_tiny_digits", *TINY_VIT, "model.patch_size=4", "task.out_dim=64", "task.hidden_dim=32",
+             "task.bottleneck_dim=16", "task.local_crops_number=2"],
+    "toy_mean_teacher": ["recipe=mae_tiny_digits", *TINY_VIT, "task.name=toy_mean_teacher"],
 }
 
 
@@ -158,7 +223,10 @@ def test_every_task_honours_the_contract(name, tmp_path):
     torch.manual_seed(0)
     task = build(cfg, num_classes=10)
     assert isinstance(task, cls) and isinstance(task.describe(), str)
-    batch = {"images": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
+    images = torch.randn(4, 3, 32, 32)
+    if cls.needs_any_image_size:  # multi-crop views: two global, two local (data/transforms.py's Transform)
+        images = [images, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
+    batch = {"images": images, "labels": torch.tensor([0, 1, 2, 3])}
     output = task.train()(batch)
     assert output.loss.ndim == 0 and torch.isfinite(output.loss) and isinstance(output.metrics, dict)
     # the parameter groups hold every trainable parameter exactly once, and nothing frozen
@@ -168,7 +236,7 @@ def test_every_task_honours_the_contract(name, tmp_path):
     assert all("lr_scale" in g and "weight_decay" in g for g in groups)
     protocol = protocol_for(cls)  # the task names a protocol the evaluation layer has
     if protocol is TopKAccuracy:
-        logits = task.eval().predict({"images": batch["images"]})
+        logits = task.eval().predict({"images": images})
         logits = [logits] if isinstance(logits, torch.Tensor) else logits
         assert all(l.shape == (4, 10) for l in logits)
         results = [{"top1": 50.0 + i, "top5": 90.0, "num_samples": 4} for i in range(len(logits))]
@@ -240,7 +308,7 @@ def test_every_encoder_family_honours_the_contract(name, tmp_path):
     assert features.shape == (2, encoder.num_features) and encoder(images).shape == (2, 5)
     names = dict(encoder.named_parameters())
     no_decay = encoder.no_weight_decay() if hasattr(encoder, "no_weight_decay") else set()  # optional, as in timm
-    assert set(no_decay) <= set(names) | {"pos_embed", "cls_token", "dist_token"}
+    assert set(no_decay) <= set(names) | {"pos_embed", "cls_token", "dist_token", "reg_token"}  # as timm: listed if absent
     assert isinstance(encoder.group_matcher(), dict)
     backbone = family.backbone_state(encoder)
     assert backbone and len(backbone) < len(encoder.state_dict())  # the classifier is left out
@@ -304,6 +372,29 @@ def test_a_task_defined_outside_the_package_trains_resumes_and_exports(tmp_path,
         recipes.load([f"recipe={recipe}", "task.mask_ratio=0.5"])
     with pytest.raises(ConfigError, match="task.rotations=3: use 2"):
         recipes.load([f"recipe={recipe}", "task.rotations=3"])
+
+
+def test_a_task_with_step_hooks_defined_outside_the_package_gets_them_from_the_loop(tmp_path, env):
+    """The step hooks are the contract's, not DINO's: a mean teacher defined here is started before
+    every step and updated after every update taken (not after a skipped non-finite one), with the
+    update's index; its hook state survives a resume, and its teacher is what is evaluated and exported."""
+    recipe = tmp_path / "mean_teacher.yaml"
+    recipe.write_text(f"# Reproduces: nothing; Command: the test\nbase: mae_tiny_digits\nimports: [{THIS_FILE}]\n"
+                      "model:\n  embed_dim: 32\n  depth: 2\n  num_heads: 2\n  patch_size: 8\n"
+                      "task:\n  name: toy_mean_teacher\n  nan_at_step: 1\n"
+                      "data:\n  batch_size: 32\noptim:\n  batch_size: 32\n")
+    out = tmp_path / "run"
+    _pretrain(recipe, out, env, "train.max_steps=2", "train.checkpoint_every=2", "eval.knn_every=0")
+    _pretrain(recipe, out, env, "train.max_steps=5", "train.checkpoint_every=2", "eval.knn_every=0")
+    model = load_file(out / "model.safetensors")
+    # 5 steps started, step index 1 skipped (its loss is NaN): 4 updates, the last one index 4
+    assert (model["starts"].item(), model["updates"].item(), model["last_update"].item()) == (5, 4, 4)
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "eval" not in line]
+    assert [line["skipped"] for line in lines] == [0, 1, 0, 0, 0]
+    # the teacher moved towards the student, and the backbone export is the teacher
+    assert not torch.equal(model["teacher.blocks.0.attn.qkv.weight"], model["blocks.0.attn.qkv.weight"])
+    backbone = load_file(out / "backbone.safetensors")
+    assert torch.equal(backbone["blocks.0.attn.qkv.weight"], model["teacher.blocks.0.attn.qkv.weight"])
 
 
 def test_an_encoder_family_defined_outside_the_package_trains_resumes_and_exports(tmp_path, env):

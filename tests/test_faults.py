@@ -499,3 +499,13 @@ def test_random_kills_end_with_the_weights_of_an_unbroken_run(tmp_path, env):
                   "--final-kills", "3", "--steps", "24", "--workdir", str(tmp_path)], env, timeout=3000)
     assert "final weights: identical to the unbroken run" in result.stdout
     assert "(3 error, " in result.stdout and " random, 3 final;" in result.stdout
+
+
+@pytest.mark.slow
+def test_random_kills_of_a_dino_run_end_with_its_unbroken_student_teacher_and_center(tmp_path, env):
+    """DINO's EMA teacher, its center and its multi-crop views under the soak: the same weights."""
+    result = run([sys.executable, str(ROOT / "tools" / "fault_soak.py"), "--method", "dino", "--kills", "5",
+                  "--error-exits", "2", "--final-kills", "2", "--steps", "12", "--workdir", str(tmp_path)], env,
+                 timeout=3000)
+    assert "final weights: identical to the unbroken run" in result.stdout
+    assert "(2 error, " in result.stdout and " 2 final;" in result.stdout

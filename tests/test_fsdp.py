@@ -8,54 +8,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_VIT, free_port, main_script
+from conftest import ROOT, TINY_VIT, free_port, main_script, run_steps
 from conftest import run_command as run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
 TINY_MAE = [*TINY_VIT, "task.decoder_dim=32", "task.decoder_depth=1", "task.decoder_heads=2", "data.batch_size=16",
             "optim.batch_size=32", "log.every=1", "optim.warmup_epochs=0.1"]
 
-STEPS = """
-import json, sys, torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-from ssl_vit import config, recipes
-from ssl_vit.run.outputs import export_run
-from ssl_vit.run import Trainer
-cfg = recipes.load(["recipe=mae_tiny_digits", *{tiny!r}, "train.output_dir={out}", *{extra!r}])
-trainer = Trainer(cfg)
-g = torch.Generator().manual_seed(0)
-rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
-losses = []
-for step in range(3):  # the same 32 images and masks per step, split over ranks and micro-batches
-    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
-    noise = torch.rand(32, 16, generator=g)
-    per = 32 // world // trainer.plan.accumulation
-    first = rank * trainer.plan.accumulation
-    micro = [dict(images=images[i * per:(i + 1) * per], noise=noise[i * per:(i + 1) * per],
-                  labels=torch.zeros(per, dtype=torch.long)) for i in range(first, first + trainer.plan.accumulation)]
-    loss = trainer.train_step(micro)["loss"].detach().clone()
-    if world > 1:
-        dist.all_reduce(loss)
-        loss /= world
-    losses.append(float(loss))
-trainer.state.step = 3
-trainer.export()
-sharded = trainer.parallel.sharded
-if rank == 0:
-    block = dict(trainer.task.named_parameters())["encoder.blocks.0.attn.qkv.weight"]
-    json.dump(dict(losses=losses, sharded=sharded, dtensor=type(block).__name__), open("{out}/steps.json", "w"))
-trainer.close()
+MAE_BATCH = """
+images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
+batch = dict(images=images, noise=torch.rand(32, 16, generator=g), labels=torch.zeros(32, dtype=torch.long))
 """
 
 
 def _steps(tmp_path, env, name, launcher, extra):
-    out = tmp_path / name
-    out.mkdir()
-    script = tmp_path / f"{name}.py"
-    script.write_text(main_script(STEPS.format(root=str(ROOT), tiny=TINY_MAE, out=out, extra=extra)))
-    result = subprocess.run([*launcher, str(script)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, json.loads((out / "steps.json").read_text())
+    return run_steps(tmp_path, env, name, launcher, "mae_tiny_digits", TINY_MAE, MAE_BATCH, extra)
 
 
 def test_two_sharded_processes_give_the_losses_and_weights_of_one(tmp_path, env):

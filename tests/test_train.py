@@ -447,3 +447,18 @@ def test_benchmark_mae_prints_a_table_and_a_json_line():
         assert {f"{key}_img_s", f"{key}_step_s", f"{key}_flops_per_image", f"{key}_fraction_of_peak"} <= set(figures)
     assert figures["eager_flops_per_image"] < figures["eager_unmasked_flops_per_image"]  # counted, not timed
     assert figures["matmul_peak_flops"] > 0 and isinstance(figures["native_bf16"], bool)
+
+
+@pytest.mark.slow  # three fresh processes timing full-size steps (ViT-B MAE, ViT-S MAE, ViT-S DINO with 12 views)
+def test_benchmark_dino_times_its_step_with_every_view_beside_maes():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "dino", "--device", "cpu",
+                             "--batch", "1", "--steps", "1", "--warmup", "0", "--precision", "no"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    dino = "dino_vit-s16_2_x_224_+_10_x_96_px"
+    assert figures[f"{dino}_encoder_tokens"] == 197  # the largest view: 14 x 14 patches + the class token
+    # 2 global + 10 local views through the student, 2 through the teacher: far more work per image
+    # than MAE's 25% of the patches on the same ViT-S (counted, not timed)
+    assert figures[f"{dino}_flops_per_image"] > 2 * figures["mae_vit-s16_flops_per_image"]
+    assert "| DINO, ViT-S/16, 2 x 224 + 10 x 96 px (dino_vit_small) | 197 |" in result.stdout

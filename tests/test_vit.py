@@ -298,3 +298,54 @@ def test_learned_2d_table_exports_are_ours_and_load_into_a_1d_table(tmp_path):
         # a 1-D table cannot become two: said, not silently dropped
         report = load_weights(encoder, learned.state_dict(), verbose=False)
         assert "pos_embed" in report.unexpected and any("learn2d" in note for note in report.notes)
+
+
+# --- register tokens (Darcet et al. 2024, "Vision Transformers Need Registers") --------------------
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_register_tokens_export_into_timms_vit_with_the_same_features(tmp_path, global_pool):
+    """model.reg_tokens=N: N learned tokens after the class token, read by no head; the backbone export
+    loads strictly into timm's VisionTransformer(reg_tokens=N) (its JSON's command) with the same
+    tokens and pooled features."""
+    import json
+
+    from ssl_vit import export_backbone
+
+    torch.manual_seed(0)
+    ours = create_encoder("vit_tiny_patch16", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                          pos_embed="learn", reg_tokens=4, global_pool=global_pool, num_classes=0).eval()
+    with torch.no_grad():
+        ours.reg_token.normal_()  # registers that matter (timm initialises them near 0)
+    assert ours.num_prefix_tokens == 5 and ours.reg_token.shape == (1, 4, 32) and "reg_token" in ours.no_weight_decay()
+    export_backbone(ours, tmp_path / "backbone.safetensors")
+    description = json.loads((tmp_path / "backbone.json").read_text())
+    assert "reg_tokens=4" in description["load_with_timm"] and description["encoder"]["reg_tokens"] == 4
+    theirs = eval(description["load_with_timm"], {"timm": timm}).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = ours.forward_features(images)
+        assert tokens.shape == (2, 1 + 4 + 64, 32)
+        assert torch.allclose(tokens, theirs.forward_features(images), atol=1e-6)
+        assert torch.allclose(ours.forward_head(tokens, pre_logits=True), theirs(images), atol=1e-6)
+    again = create_encoder(**description["encoder"])
+    load_weights(again, tmp_path / "backbone.safetensors", strict=True, verbose=False)
+    assert torch.equal(again.reg_token, ours.reg_token)
+
+
+def test_register_tokens_are_left_out_of_attention_maps_and_refused_where_they_cannot_be():
+    from ssl_vit import recipes
+    from ssl_vit.config import ConfigError
+    from ssl_vit.models.vit_attention import attention_maps
+
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_tiny_patch16", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             reg_tokens=2, num_classes=0).eval()
+    maps = attention_maps(encoder, torch.randn(2, 3, 32, 32), heads=True)
+    assert all(m.shape == (2, 8, 8) for m in maps.values())  # the 8x8 patches only, not the 3 prefix tokens
+    with pytest.raises(ValueError, match="reg_tokens with dist_token"):
+        create_encoder("vit_tiny_patch16", img_size=32, patch_size=4, reg_tokens=2, dist_token=True)
+    with pytest.raises(ConfigError, match="reg_tokens"):
+        recipes.load(["recipe=mae_tiny_digits", "model.reg_tokens=4"])  # MAE has one prefix token
+    with pytest.raises(ConfigError, match="reg_tokens"):
+        recipes.load(["recipe=dino_tiny_digits", "model.reg_tokens=-1"])
+    assert recipes.load(["recipe=dino_tiny_digits", "model.reg_tokens=4"]).model.reg_tokens == 4

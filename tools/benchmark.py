@@ -216,7 +216,7 @@ def mae_step_worker(args) -> dict:
 
     from ssl_vit import recipes
     from ssl_vit.run.flops import training_flops_per_image
-    from ssl_vit.tasks import build
+    from ssl_vit.tasks import Progress, build
 
     torch.manual_seed(0)
     device = torch.device(bench_device(args.device))
@@ -228,9 +228,15 @@ def mae_step_worker(args) -> dict:
         # which a training run refuses; here only the step's cost is measured, and it is the same
         model.mask_ratio = args.mask_ratio
     fused = variant != "adamw_foreach"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=fused, foreach=not fused)
+    trained = [p for p in model.parameters() if p.requires_grad]  # not a teacher's
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.95), fused=fused, foreach=not fused)
     size = cfg.model.img_size
     images = torch.randn(args.batch, 3, size, size, device=device)
+    if model.needs_any_image_size:  # multi-crop (DINO): 2 global views and the local ones, a list
+        local = cfg.task.local_crop_size
+        images = [images, torch.randn_like(images)] + [torch.randn(args.batch, 3, local, local, device=device)
+                                                       for _ in range(cfg.task.local_crops_number)]
+    progress = Progress(step=0, total_steps=1000, steps_per_epoch=100)  # past the frozen last layer: epoch 1
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[args.precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != "no")
     attention = sdpa_kernel(SDPBackend.MATH) if variant == "math_attention" else contextlib.nullcontext()
@@ -241,8 +247,10 @@ def mae_step_worker(args) -> dict:
             return module(images).loss
 
     def step():
+        model.start_step(progress)   # the task's step hooks run as in pretrain.py (DINO: its EMA teacher)
         loss().backward()
         optimizer.step()
+        model.after_update(progress)
         optimizer.zero_grad(set_to_none=True)
 
     # counted on the eager model with PyTorch's default attention: every variant is credited the same work
@@ -259,10 +267,11 @@ def mae_step_worker(args) -> dict:
             sync(device)
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    seen = {}  # tokens entering the encoder's first block
-    model.encoder.blocks[0].register_forward_hook(lambda module, inputs, output: seen.update(tokens=inputs[0].shape[1]))
+    seen = {"tokens": 0}  # tokens entering the encoder's first block (the largest view's, with several)
+    model.encoder.blocks[0].register_forward_hook(
+        lambda module, inputs, output: seen.update(tokens=max(seen["tokens"], inputs[0].shape[1])))
     with torch.no_grad(), autocast:
-        model(images[:1])
+        model([view[:1] for view in images] if isinstance(images, list) else images[:1])
     memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return {"step_s": seconds, "img_s": args.batch / seconds, "flops_per_image": flops,
             "encoder_tokens": seen["tokens"], "encoder": model.encoder.config["arch"], "max_memory_gib": memory}
@@ -359,37 +368,65 @@ MIM_STEPS = {  # name: (recipe, overrides)
 
 
 def bench_mim(args) -> dict:
+    return compare_steps(args, MIM_STEPS, "ViT-B/16 training steps")
+
+
+# -------------------------------------------------------------------------------------------
+# self-distillation: DINO's step (a teacher forward, 2 global + 10 local views) beside MAE's
+
+DINO_STEPS = {  # name: (recipe, overrides)
+    "MAE, ViT-B/16 (mae_base)": ("mae_base", ["model.arch=vit_base_patch16"]),
+    "MAE, ViT-S/16": ("mae_base", ["model.arch=vit_small_patch16"]),
+    "DINO, ViT-S/16, 2 x 224 + 10 x 96 px (dino_vit_small)": ("dino_vit_small", ["task.local_crops_number=10"]),
+}
+
+
+def bench_dino(args) -> dict:
+    return compare_steps(args, DINO_STEPS, "training steps of DINO and MAE")
+
+
+def compare_steps(args, steps: dict, title: str) -> dict:
+    """The steps of several recipes timed in turn (each in a child process), as a table against the first."""
     import subprocess
 
     import torch
 
-    from ssl_vit.run.flops import measured_matmul_peak
+    from ssl_vit.run.flops import gpu_peak_flops, measured_matmul_peak
 
+    device = torch.device(bench_device(getattr(args, "device", "cpu")))
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.precision]
-    torch.set_num_threads(os.cpu_count() or 1)
-    peak = measured_matmul_peak(torch.device("cpu"), autocast_dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    peak = measured_matmul_peak(device, autocast_dtype)
+    sheet = gpu_peak_flops(device) if device.type == "cuda" else None  # MFU: against the data sheet's peak
     results = {}
     for repeat in range(args.repeats):  # the tasks in turn, so that a busy spell of the machine hits all
-        for name, (recipe, overrides) in MIM_STEPS.items():
+        for name, (recipe, overrides) in steps.items():
             command = [sys.executable, __file__, "mae-step", "--recipe", recipe, "--batch", str(args.batch),
                        "--precision", args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--set", *overrides]
+                       "--device", device.type, "--set", *overrides]
             print(f"timing {name} (run {repeat + 1} of {args.repeats}) ...", flush=True)
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             run = json.loads(output.strip().splitlines()[-1])
             if name not in results or run["step_s"] < results[name]["step_s"]:
                 results[name] = run  # the least disturbed run
-    mae = results[next(iter(MIM_STEPS))]
-    print(f"\nViT-B/16 training steps (forward + backward + fused AdamW), batch {args.batch}, {args.precision} "
-          f"autocast, one process on {os.cpu_count()} CPU cores (a CPU measurement); median of {args.steps} steps, "
-          f"the fastest of {args.repeats} runs in turn; matmul peak measured here: {peak / 1e9:.0f} GFLOP/s\n")
-    print("| step | tokens into the encoder | s/step | images/s | GFLOP/image | of matmul peak | time vs MAE |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    first = results[next(iter(steps))]
+    where = (f"one {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+             else f"one process on {os.cpu_count()} CPU cores (a CPU measurement)")
+    print(f"\n{title} (forward + backward + fused AdamW + the task's step hooks), batch {args.batch}, "
+          f"{args.precision} autocast, {where}; median of {args.steps} steps, the fastest of {args.repeats} runs "
+          f"in turn; matmul peak measured here: {peak / 1e9:.0f} GFLOP/s"
+          + (f"; the data sheet's dense bf16 peak: {sheet / 1e12:.0f} TFLOP/s (MFU is against it)" if sheet else "")
+          + "\n")
+    print("| step | tokens into the encoder | s/step | images/s | GFLOP/image | of matmul peak | MFU | time vs first |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         achieved = r["flops_per_image"] * r["img_s"]
+        mfu = f"{achieved / sheet:.0%}" if sheet else "n/a"
         print(f"| {name} | {r['encoder_tokens']} | {r['step_s']:.3f} | {r['img_s']:.2f} | "
-              f"{r['flops_per_image'] / 1e9:.1f} | {achieved / peak:.0%} | {r['step_s'] / mae['step_s']:.2f}x |")
-    figures = {"batch": args.batch, "precision": args.precision, "repeats": args.repeats, "matmul_peak_flops": peak}
+              f"{r['flops_per_image'] / 1e9:.1f} | {achieved / peak:.0%} | {mfu} | {r['step_s'] / first['step_s']:.2f}x |")
+    figures = {"batch": args.batch, "precision": args.precision, "repeats": args.repeats, "matmul_peak_flops": peak,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     for name, r in results.items():
         slug = name.split(" (")[0].replace(", ", "_").replace(" ", "_").replace("/", "").lower()
         figures.update({f"{slug}_step_s": r["step_s"], f"{slug}_img_s": r["img_s"],
@@ -483,6 +520,13 @@ def main(argv=None) -> int:
     mim.add_argument("--steps", type=int, default=8, help="timed steps per task (default 8)")
     mim.add_argument("--warmup", type=int, default=2)
     mim.add_argument("--repeats", type=int, default=2, help="runs of each task, in turn; the fastest is kept (default 2)")
+    dino = commands.add_parser("dino", help="DINO's step (ViT-S/16, 2 + 10 crops) beside MAE's: images/s, MFU")
+    dino.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: a GPU if there is one")
+    dino.add_argument("--batch", type=int, default=8)
+    dino.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
+    dino.add_argument("--steps", type=int, default=8, help="timed steps per task (default 8)")
+    dino.add_argument("--warmup", type=int, default=2)
+    dino.add_argument("--repeats", type=int, default=1, help="runs of each task, in turn; the fastest is kept")
     memory = commands.add_parser("memory", help="memory per GPU of recipes: parameters, gradients, optimizer, "
                                  "activations; DDP vs FSDP (counted from the model, not timed)")
     memory.add_argument("--recipe", nargs="+", default=["mae_giant"], help="recipes (default mae_giant)")
@@ -507,7 +551,7 @@ def main(argv=None) -> int:
     if args.command == "mae-step":
         print(json.dumps(mae_step_worker(args)))
         return 0
-    figures = {"data": bench_data, "mae": bench_mae, "mim": bench_mim, "memory": bench_memory,
+    figures = {"data": bench_data, "mae": bench_mae, "mim": bench_mim, "dino": bench_dino, "memory": bench_memory,
                "checkpoint": bench_checkpoint}[args.command](args)
     print(json.dumps({"benchmark": args.command, **{k: round(v, 4) if isinstance(v, float) else v
                                                       for k, v in figures.items()}}))

@@ -12,9 +12,10 @@ run that was never interrupted. Three kinds of interruption, in this order:
                       and metrics.json, which the re-run must then write
 
     python tools/fault_soak.py --kills 20 --error-exits 4 --final-kills 4 --steps 40   # a tiny MAE on the digits, ~10 min on 2 cores
+    python tools/fault_soak.py --method dino --kills 8 --error-exits 2 --final-kills 2 --steps 16   # a tiny DINO
 
-The runs are MAE through tests/faulty_tasks.py (a plugin: identical to MAE unless its environment asks
-for a fault). Prints one line per interruption (kind, signal, how long the run had been alive, the
+The runs are MAE or DINO (--method) through tests/faulty_tasks.py (a plugin: identical to the method
+unless its environment asks for a fault). Prints one line per interruption (kind, signal, how long the run had been alive, the
 step it had logged, how it ended), the verdict, and a final JSON line. Exit code 0 only when the
 weights are identical, each step is logged once and no run hung.
 """
@@ -32,19 +33,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8", "task.decoder_dim=32",
-        "task.decoder_depth=1", "task.decoder_heads=2", "data.batch_size=16", "optim.batch_size=32",
-        "data.num_workers=1", "log.every=1", "eval.knn_every=8", "train.checkpoint_every=2",
-        "train.keep_checkpoints=3"]
+RUN = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=16", "optim.batch_size=32",
+       "data.num_workers=1", "log.every=1", "eval.knn_every=8", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
+METHODS = {  # --method: the recipe and its tiny settings
+    "mae": ("mae_tiny_digits", ["model.patch_size=8", "task.decoder_dim=32", "task.decoder_depth=1",
+                                "task.decoder_heads=2"]),
+    # DINO: an EMA teacher, its center and the multi-crop views must come back exactly too
+    "dino": ("dino_tiny_digits", ["task.out_dim=64", "task.hidden_dim=32", "task.bottleneck_dim=16",
+                                  "task.local_crops_number=2"]),
+}
 
 
 PLUGIN = ROOT / "tests" / "faulty_tasks.py"
-FAILING = "faulty_mae: forward call"  # what the plugin prints as it raises
 
 
-def command(out: Path, steps: int) -> list[str]:
-    return [sys.executable, str(ROOT / "pretrain.py"), "recipe=mae_tiny_digits", f"imports=[{PLUGIN}]",
-            "task.name=faulty_mae", f"train.output_dir={out}", *TINY, f"train.max_steps={steps}"]
+def failing(method: str) -> str:
+    return f"faulty_{method}: forward call"  # what the plugin prints as it raises
+
+
+def command(out: Path, steps: int, method: str = "mae") -> list[str]:
+    recipe, tiny = METHODS[method]
+    return [sys.executable, str(ROOT / "pretrain.py"), f"recipe={recipe}", f"imports=[{PLUGIN}]",
+            f"task.name=faulty_{method}", f"train.output_dir={out}", *RUN, *tiny, f"train.max_steps={steps}"]
 
 
 def last_step(out: Path) -> int:
@@ -69,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps of the run (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule (default 0)")
     parser.add_argument("--workdir", default=None, help="folder for the two runs (default: a temporary one)")
+    parser.add_argument("--method", default="mae", choices=list(METHODS), help="the run's method (default mae)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fault_soak_"))
@@ -76,7 +87,7 @@ def main(argv=None) -> int:
 
     unbroken, broken = work / "unbroken", work / "broken"
     started = time.time()
-    subprocess.run(command(unbroken, args.steps), check=True, env=env, capture_output=True)
+    subprocess.run(command(unbroken, args.steps, args.method), check=True, env=env, capture_output=True)
     run_seconds = time.time() - started
     print(f"unbroken run: {args.steps} steps in {run_seconds:.0f} s")
 
@@ -87,11 +98,11 @@ def main(argv=None) -> int:
         if last_step(broken) >= args.steps and kind != "final":
             continue  # the run got to its end already: only the final outputs are left to interrupt
         faults = {"FAULTY_FAIL_AT": str(rng.randint(1, 8))} if kind == "error" else {}
-        process = subprocess.Popen(command(broken, args.steps), env={**env, **faults}, stdout=subprocess.PIPE,
+        process = subprocess.Popen(command(broken, args.steps, args.method), env={**env, **faults}, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
         step = last_step(broken)
         moment = {"random": lambda: _after(process, rng.uniform(1.5, max(3.0, 0.6 * run_seconds))),
-                  "error": lambda: _after_line(process, FAILING, rng.uniform(0.0, 0.5)),
+                  "error": lambda: _after_line(process, failing(args.method), rng.uniform(0.0, 0.5)),
                   "final": lambda: _in_final_phase(process, broken, args.steps, rng.uniform(0.0, 3.0))}[kind]
         lines = moment()
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
@@ -117,7 +128,7 @@ def main(argv=None) -> int:
                 not sigterm_may_kill(output):
             print(output[-2000:])
             return 1
-    process = subprocess.run(command(broken, args.steps), env=env, capture_output=True, text=True, timeout=1200)
+    process = subprocess.run(command(broken, args.steps, args.method), env=env, capture_output=True, text=True, timeout=1200)
     if process.returncode != 0 or not (f"done: {args.steps} steps" in process.stdout or
                                        "nothing to do" in process.stdout):
         print(process.stdout[-3000:] + process.stderr[-3000:])

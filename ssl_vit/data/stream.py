@@ -244,12 +244,17 @@ class ShardStream(IterableDataset):
 
     @staticmethod
     def _batch(group: list[tuple[list, int, str]], view: int) -> dict:
-        """A transform returns an image tensor, or a dict of them (several views of one crop, e.g.
-        BEiT's model and tokenizer views): each key is stacked into the batch."""
-        first = group[0][0][view]
-        views = first if isinstance(first, dict) else {"images": first}
-        batch = {name: torch.stack([(images[view][name] if isinstance(first, dict) else images[view])
-                                    for images, _, _ in group]) for name in views}
+        """A transform returns an image tensor, a dict of them (several views of one crop, e.g.
+        BEiT's model and tokenizer views): each key is stacked into the batch, or a list of views of
+        any sizes (multi-crop): stacked view by view into a list (transforms.Transform)."""
+        samples = [images[view] for images, _, _ in group]
+        first = samples[0]
+        if isinstance(first, dict):
+            batch = {name: torch.stack([sample[name] for sample in samples]) for name in first}
+        elif isinstance(first, (list, tuple)):
+            batch = {"images": [torch.stack([sample[i] for sample in samples]) for i in range(len(first))]}
+        else:
+            batch = {"images": torch.stack(samples)}
         batch.update(labels=torch.tensor([label for _, label, _ in group], dtype=torch.long),
                      keys=[key for _, _, key in group])
         return batch

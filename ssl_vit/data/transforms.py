@@ -64,7 +64,9 @@ def _torchvision_jpeg(data: bytes) -> Optional[torch.Tensor]:
 class Transform:
     """What the loaders ask of a transform: a sample's encoded bytes -> its view (a uint8 image
     [C, H, W], or a dict of such views of one crop, each stacked into the batch under its key: BEiT's
-    model and tokenizer views). In two steps, so that repeated augmentation decodes an image once for
+    model and tokenizer views, or a list of views of any sizes, batched view by view into a list under
+    "images": DINO's multi-crop, [global 1, global 2, local 1, ...], every sample the same number and
+    sizes). In two steps, so that repeated augmentation decodes an image once for
     its k views: `decode(bytes)` (once per sample; by default nothing: the bytes themselves), then
     `augment(decoded)` (once per view, from the view's own RNG seed). A plain function of the bytes is
     wrapped as one (`as_transform`)."""
@@ -210,7 +212,9 @@ class DeviceNormalize(nn.Module):
             self.random_erasing = RandomErasing(probability=random_erasing, mode="pixel", max_count=1,
                                                 device=str(device or "cpu"))
 
-    def forward(self, images: torch.Tensor, training: bool = False) -> torch.Tensor:
+    def forward(self, images: Union[torch.Tensor, list], training: bool = False) -> Union[torch.Tensor, list]:
+        if isinstance(images, list):  # the views of a multi-crop batch, each normalised alike
+            return [self(view, training) for view in images]
         x = images.float() * self.scale - self.shift
         if training and self.random_erasing is not None:
             self.random_erasing.device = x.device

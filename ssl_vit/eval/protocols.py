@@ -98,7 +98,7 @@ class KNNMonitor(Protocol):
         return step % self.cfg.eval.knn_every == 0
 
     def measure(self, ema_module=None) -> dict:
-        metrics = knn_evaluate(self.task.encoder, self.cfg, self.accelerator, self.normalize, self.num_classes,
+        metrics = knn_evaluate(self.task.evaluated_encoder(), self.cfg, self.accelerator, self.normalize, self.num_classes,
                                features=self.task.features, rounds=self.rounds)
         return {"protocol": self.name, **metrics}
 

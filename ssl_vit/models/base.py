@@ -11,6 +11,8 @@ decorated with `@register_family`; `model.arch` picks the family that claims it:
         masked_forwards = {"visible"}   # what `forward_features` can do besides the plain forward:
                                         #   "visible": ids_keep=[B, K], only those patches (MAE)
                                         #   "mask_token": mask=[B, L], masked patches replaced (SimMIM, BEiT)
+        any_image_size = True           # forward_features runs images of another size than img_size, the
+                                        #   position table resampled on the fly (multi-crop: DINO's local views)
         validate(cfg)                   # derived constraints, before anything is built
         create(arch, **options)         # the module
         fit_state_dict(encoder, state, metadata, report)   # a file's tensors -> this module's shapes
@@ -70,6 +72,7 @@ class EncoderFamily:
     Config: ClassVar[type] = ModelConfig
     archs: ClassVar[Mapping[str, dict]] = {}
     masked_forwards: ClassVar[frozenset] = frozenset()
+    any_image_size: ClassVar[bool] = False  # forward_features runs images of another size than img_size
     # the keys of an export's encoder config that decide the weights' shapes (and the input size):
     # evaluation tools adopt them from `init=` unless the command line says otherwise
     architecture_keys: ClassVar[tuple[str, ...]] = ("arch", "img_size", "in_chans")

@@ -24,7 +24,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import HybridEmbed, LayerNorm, PatchEmbed, calculate_drop_path_rates, trunc_normal_
+from timm.layers import (HybridEmbed, LayerNorm, PatchEmbed, calculate_drop_path_rates, resample_abs_pos_embed,
+                         trunc_normal_)
 from timm.models import checkpoint_seq, named_apply
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 
@@ -49,6 +50,7 @@ class ViTConfig(ModelConfig):
     pos_embed: str = "sincos"             # learn | learn2d | sincos; MAE's encoder uses fixed sin-cos (§3)
     class_token: bool = True              # a class token before the patches
     dist_token: bool = False              # DeiT's distillation token (task.name=distill)
+    reg_tokens: int = 0                   # register tokens after the class token (Darcet et al. 2024), dropped from the output
     layer_scale_init: Optional[float] = None  # LayerScale's initial value (CaiT, DeiT III); None: none
     patch_embed: str = "conv"             # conv | hybrid
     backbone: Optional[str] = None        # timm CNN of a hybrid, e.g. resnet26d
@@ -93,6 +95,7 @@ class VisionTransformer(nn.Module):
             pos_embed: str = "learn",
             class_token: bool = True,
             dist_token: bool = False,
+            reg_tokens: int = 0,
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             layer_scale_init: Optional[float] = None,
@@ -104,19 +107,23 @@ class VisionTransformer(nn.Module):
         img_size = pair(img_size, "img_size")
         check_options(global_pool=global_pool, pos_embed=pos_embed, patch_embed=patch_embed,
                       class_token=class_token, dist_token=dist_token, backbone=backbone,
-                      embed_dim=embed_dim, num_heads=num_heads)
+                      embed_dim=embed_dim, num_heads=num_heads, reg_tokens=reg_tokens)
         # Recorded so that exports can say exactly how to rebuild this encoder.
         self.config = dict(
             arch=arch, img_size=list(img_size), patch_size=patch_size, in_chans=in_chans,
             num_classes=num_classes, global_pool=global_pool, fc_norm=fc_norm, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-            pos_embed=pos_embed, class_token=class_token, dist_token=dist_token, drop_rate=drop_rate,
+            pos_embed=pos_embed, class_token=class_token, dist_token=dist_token, reg_tokens=reg_tokens,
+            drop_rate=drop_rate,
             drop_path_rate=drop_path_rate, layer_scale_init=layer_scale_init, patch_embed=patch_embed,
             backbone=backbone, backbone_stride=backbone_stride)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = int(class_token) + int(dist_token)
+        # class, distillation, then register tokens: the order of timm's ViT (cls, reg); the registers
+        # are read by no head and dropped from every output (Darcet et al. 2024, §2.3)
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = int(class_token) + int(dist_token) + reg_tokens
         # 1-D tables cover the prefix tokens too (timm/DeiT layout); the 2-D tables only the patches
         self.no_embed_class = pos_embed == "learn2d"
         self.grad_checkpointing = False
@@ -128,12 +135,14 @@ class VisionTransformer(nn.Module):
                                            embed_dim=embed_dim)
         else:
             check_divisible(img_size, patch_size)
+            # strict_img_size=False: other sizes run too (multi-crop views), the positions resampled
             self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                          embed_dim=embed_dim)
+                                          embed_dim=embed_dim, strict_img_size=False)
         num_patches = self.patch_embed.num_patches
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if dist_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         embed_len = self.num_prefix_tokens + num_patches
         self.pos_embed_row = self.pos_embed_col = None
         if pos_embed == "sincos":
@@ -176,6 +185,8 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.dist_token is not None:
             trunc_normal_(self.dist_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # timm's
         # needs_reset=False: a hybrid's CNN keeps timm's own initialisation, as in timm's ViT
         named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
 
@@ -189,26 +200,44 @@ class VisionTransformer(nn.Module):
             self.mask_token = new_mask_token(self.embed_dim, device=self.blocks[0].norm1.weight.device)
         return self.mask_token
 
-    def patch_positions(self) -> torch.Tensor:
-        """The patches' position embeddings, [1, L, D]."""
+    def patch_positions(self, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """The patches' position embeddings, [1, L, D]; for another `grid` than the model's (a view of
+        another size: DINO's local crops), the table resampled on the fly, bicubic, as timm's
+        `dynamic_img_size` and DINO's `interpolate_pos_encoding` do (the prefix tokens keep theirs)."""
         if self.pos_embed is None:
-            return learned_2d_table(self.pos_embed_row, self.pos_embed_col)
-        return self.pos_embed[:, self.num_prefix_tokens:]
+            table = learned_2d_table(self.pos_embed_row, self.pos_embed_col)
+        else:
+            table = self.pos_embed[:, self.num_prefix_tokens:]
+        if grid is None or tuple(grid) == self.grid_size:
+            return table
+        return resample_abs_pos_embed(table, new_size=list(grid), old_size=list(self.grid_size), num_prefix_tokens=0)
 
     def prefix_tokens(self, batch_size: int) -> list[torch.Tensor]:
-        """Class (and distillation) tokens with their position embeddings added, each [B, 1, D]."""
-        tokens = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        """Class (distillation, register) tokens with their position embeddings added (a 1-D table has
+        an entry for each, as timm's), [B, 1 or N, D] each."""
+        tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         if self.pos_embed is not None:
-            tokens = [t + self.pos_embed[:, i:i + 1] for i, t in enumerate(tokens)]
+            start, placed = 0, []
+            for t in tokens:
+                placed.append(t + self.pos_embed[:, start:start + t.shape[1]])
+                start += t.shape[1]
+            tokens = placed
         return [t.expand(batch_size, -1, -1) for t in tokens]
 
     def embed_patches(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Patch embedding (masked patches replaced by the mask token) plus position embedding:
         [B, C, H, W] -> [B, L, D]."""
+        grid = None
+        if tuple(images.shape[-2:]) != tuple(self.patch_embed.img_size):
+            if not isinstance(self.patch_embed, PatchEmbed):
+                raise ValueError(f"a hybrid ViT runs {tuple(self.patch_embed.img_size)} images only, not "
+                                 f"{tuple(images.shape[-2:])}")
+            check_divisible(tuple(images.shape[-2:]), self.patch_size)
+            grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         x = self.patch_embed(images)                            # [B, L, D]
         if mask is not None:
             x = replace_masked_patches(x, mask, self.mask_token)
-        return x + self.patch_positions()
+        return x + self.patch_positions(grid)
 
     def forward_features(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor] = None,
                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -279,13 +308,13 @@ class VisionTransformer(nn.Module):
         """timm's names; the 2-D tables and the mask token too, when the encoder has them (SimMIM's
         Swin encoder and our MAE keep their mask tokens out of weight decay as well)."""
         present = {name for name in ("pos_embed_row", "pos_embed_col", "mask_token") if getattr(self, name) is not None}
-        return {"pos_embed", "cls_token", "dist_token"} | present
+        return {"pos_embed", "cls_token", "dist_token", "reg_token"} | present
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's grouping (stem, then one group per block, final norm with the last block),
         used by timm's layer-wise lr decay."""
-        return dict(stem=r"^cls_token|dist_token|pos_embed|patch_embed|mask_token",
+        return dict(stem=r"^cls_token|dist_token|reg_token|pos_embed|patch_embed|mask_token",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
@@ -314,8 +343,9 @@ class ViT(EncoderFamily):
     Config = ViTConfig
     archs = ARCHS
     masked_forwards = frozenset({"visible", "mask_token"})
+    any_image_size = True
     architecture_keys = ("arch", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                         "class_token", "layer_scale_init", "patch_embed", "backbone", "backbone_stride")
+                         "class_token", "reg_tokens", "layer_scale_init", "patch_embed", "backbone", "backbone_stride")
 
     @classmethod
     def claims(cls, arch: str) -> bool:
@@ -331,7 +361,7 @@ class ViT(EncoderFamily):
         try:
             check_options(global_pool=m["global_pool"], pos_embed=m["pos_embed"], patch_embed=m["patch_embed"],
                           class_token=m["class_token"], dist_token=m["dist_token"], backbone=m.get("backbone"),
-                          embed_dim=m["embed_dim"], num_heads=m["num_heads"])
+                          embed_dim=m["embed_dim"], num_heads=m["num_heads"], reg_tokens=m.get("reg_tokens", 0))
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
         stride = m["patch_size"] * (m["backbone_stride"] if m["patch_embed"] == "hybrid" else 1)

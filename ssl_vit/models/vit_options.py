@@ -41,7 +41,13 @@ def check_divisible(img_size: tuple[int, int], patch_size: int) -> None:
 
 
 def check_options(*, global_pool, pos_embed, patch_embed, class_token, dist_token, backbone,
-                   embed_dim, num_heads) -> None:
+                   embed_dim, num_heads, reg_tokens=0) -> None:
+    if not isinstance(reg_tokens, int) or isinstance(reg_tokens, bool) or reg_tokens < 0:
+        raise ValueError(f"reg_tokens={reg_tokens!r}: give a number of register tokens >= 0 (Darcet et al. 2024 "
+                         "use 4)")
+    if reg_tokens and dist_token:
+        raise ValueError("reg_tokens with dist_token=True: DeiT's distilled ViT has no register tokens (timm's "
+                         "neither); use one or the other")
     if global_pool not in ("token", "avg"):
         raise ValueError(f"global_pool={global_pool!r}: use 'token' (class token) or 'avg' (mean pooling)")
     if global_pool == "token" and not class_token:

@@ -40,7 +40,7 @@ def fit_state_dict(encoder: nn.Module, state: dict[str, torch.Tensor], metadata:
         report.unexpected.append(key)
         del state[key]
     _check_same_architecture(state, encoder)
-    file_prefix_tokens = int("cls_token" in state) + int("dist_token" in state)
+    file_prefix_tokens = int("cls_token" in state) + int("dist_token" in state) + _registers(state)
 
     # DeiT: a distillation token for an encoder that had none starts as the class token (§4).
     if "dist_token" in target and "dist_token" not in state and "cls_token" in state:
@@ -109,7 +109,7 @@ def _fit_pos_embed(pos: torch.Tensor, encoder: nn.Module, file_prefix_tokens: in
     wanted_prefix = encoder.num_prefix_tokens
     if file_prefix_tokens != wanted_prefix:
         raise CheckpointError(f"pos_embed: the file has {file_prefix_tokens} prefix tokens, the module "
-                              f"{wanted_prefix}; check model.class_token / model.dist_token")
+                              f"{wanted_prefix}; check model.class_token / model.dist_token / model.reg_tokens")
     new_grid = tuple(encoder.grid_size)
     old_grid = _grid_of(pos.shape[1] - file_prefix_tokens, metadata, new_grid)
     if old_grid == new_grid:
@@ -158,7 +158,13 @@ def timm_equivalent(config: Mapping[str, Any]) -> Optional[dict[str, Any]]:
                   global_pool=config["global_pool"],
                   fc_norm=config["global_pool"] == "avg" if config["fc_norm"] is None else config["fc_norm"],
                   init_values=config["layer_scale_init"], num_classes=config["num_classes"])
+    if config.get("reg_tokens"):
+        kwargs["reg_tokens"] = config["reg_tokens"]  # timm's VisionTransformer(reg_tokens=N): the same layout
     return dict(model_name=name, kwargs=kwargs)
+
+
+def _registers(state: Mapping[str, torch.Tensor]) -> int:
+    return state["reg_token"].shape[1] if "reg_token" in state else 0
 
 
 def config_from_state(state: Mapping[str, torch.Tensor], num_heads: Optional[int] = None,
@@ -175,9 +181,9 @@ def config_from_state(state: Mapping[str, torch.Tensor], num_heads: Optional[int
         raise ValueError("a BEiT-style ViT (q/v biases, gamma_1 layer scale): the beit encoder family reads it")
     embed_dim, in_chans, patch = kernel.shape[0], kernel.shape[1], kernel.shape[-1]
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
-    prefix = int("cls_token" in state) + int("dist_token" in state)
+    prefix = int("cls_token" in state) + int("dist_token" in state) + _registers(state)
     found = dict(embed_dim=embed_dim, depth=depth, patch_size=patch, in_chans=in_chans,
-                 class_token="cls_token" in state, dist_token="dist_token" in state,
+                 class_token="cls_token" in state, dist_token="dist_token" in state, reg_tokens=_registers(state),
                  global_pool="avg" if "fc_norm.weight" in state else "token",
                  num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
                  pos_embed="sincos" if "decoder_pred.weight" in state else "learn")  # MAE: fixed sin-cos

@@ -1,4 +1,4 @@
-"""The optimizer and the learning-rate schedule.
+"""The optimizer, the learning-rate schedule and the weight-decay schedule.
 
 Parameter groups (a task's, tasks/param_groups.py) carry multipliers: `lr_scale` (layer-wise lr decay)
 and `weight_decay`; the
@@ -40,6 +40,26 @@ class Schedule:
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class WeightDecaySchedule:
+    """Weight decay from `start` to `end` by a half cosine over the run, per optimizer step, without
+    warm-up (DINO: 0.04 -> 0.4, main_dino.py's wd_schedule), set on the groups that decay."""
+    start: float
+    end: float
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        progress = min(1.0, step / max(1, self.total_steps))
+        return self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * progress))
+
+
+def weight_decay_schedule(optim_cfg, total_steps: int):
+    """The recipe's weight-decay schedule, or None for a constant weight decay."""
+    if optim_cfg.weight_decay_end is None:
+        return None
+    return WeightDecaySchedule(float(optim_cfg.weight_decay), float(optim_cfg.weight_decay_end), total_steps)
+
+
 def base_lr(optim_cfg) -> float:
     """lr = blr x global batch / lr_base_batch (MAE A.1 with 256; DeiT uses 512), or optim.lr."""
     if optim_cfg.lr is not None:
@@ -52,6 +72,8 @@ def build_optimizer(optim_cfg, task: nn.Module) -> torch.optim.Optimizer:
     groups = task.param_groups(optim_cfg.weight_decay, optim_cfg.layer_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    for group in groups:  # a weight-decay schedule sets the decaying groups' value (set_weight_decay)
+        group["decays"] = group.get("weight_decay", optim_cfg.weight_decay) > 0
     lr = base_lr(optim_cfg)
     if optim_cfg.name == "lars":
         # MAE's linear probe (A.3): LARS adapting every >= 2-D parameter (always_adapt), no decay
@@ -65,6 +87,12 @@ def build_optimizer(optim_cfg, task: nn.Module) -> torch.optim.Optimizer:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        if group.get("decays", True):
+            group["weight_decay"] = weight_decay
 
 
 def _fused_supported(params: list[nn.Parameter]) -> bool:

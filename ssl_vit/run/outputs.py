@@ -47,7 +47,7 @@ def export_run(task, output_dir: Path, cfg, step: int, samples_seen: int, evalua
     if best is not None:
         export_model(task, output_dir / "model_best.safetensors", extra={**extra, "best": best}, evaluation=best)
         return
-    export_backbone(task.encoder, output_dir / "backbone.safetensors", extra={k: v for k, v in extra.items()
+    export_backbone(task.evaluated_encoder(), output_dir / "backbone.safetensors", extra={k: v for k, v in extra.items()
                                                                                if k != "classes"})
     export_model(task, output_dir / "model.safetensors", extra=extra, evaluation=evaluation)
 

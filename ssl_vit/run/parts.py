@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from ..tasks import RunContext, Task, task_class
 from ..weights import load_weights
 from .checkpoints import Checkpoints
 from .folder import FolderLock
-from .optim import Schedule, build_optimizer
+from .optim import Schedule, build_optimizer, weight_decay_schedule
 from .outputs import file_sha256
 from .plan import Plan, make_plan, mixed_precision
 from .sharding import strategy
@@ -49,6 +49,7 @@ class RunParts:
     model: Any                      # what is called: the task, maybe compiled, wrapped by DDP
     optimizer: Any
     schedule: Schedule
+    weight_decay: Optional[Callable[[int], float]]  # the weight decay of a step, when scheduled (optim.weight_decay_end)
     ema: Optional[ModelEmaV3]
     normalize: DeviceNormalize
     data: Any                       # .epoch(e, skip_batches) -> batches
@@ -110,6 +111,7 @@ def build_parts(cfg) -> RunParts:
     model, optimizer = parallel.prepare(torch.compile(task) if cfg.train.compile else task, optimizer)
     schedule = Schedule(plan.base_lr, plan.min_lr, plan.warmup_steps, plan.total_steps, milestones=plan.milestones,
                         gamma=cfg.optim.lr_gamma)
+    weight_decay = weight_decay_schedule(cfg.optim, plan.total_steps)
     ema = ModelEmaV3(task, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
 
     launched = any(k in os.environ for k in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION"))
@@ -127,7 +129,7 @@ def build_parts(cfg) -> RunParts:
     state = TrainState(world_size=accelerator.num_processes,
                        init_sha256=file_sha256(cfg.init) if cfg.init and cfg.init != "random" else None)
     return RunParts(cfg=cfg, output_dir=output_dir, lock=lock, plan=plan, accelerator=accelerator, parallel=parallel,
-                    task=task, model=model, optimizer=optimizer, schedule=schedule, ema=ema, normalize=normalize,
+                    task=task, model=model, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay, ema=ema, normalize=normalize,
                     data=data, protocol=protocol, classes=list(source.classes) if kind.needs_labels else [],
                     state=state, checkpoints=checkpoints, preemption=preemption,
                     step_start=StepStart(task, accelerator))

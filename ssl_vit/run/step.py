@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .optim import set_lr
+from ..tasks import Progress
+from .optim import set_lr, set_weight_decay
 from .parts import RunParts
 
 
@@ -20,8 +21,10 @@ class Step:
         device = parts.accelerator.device
         # skipping a non-finite step on the device needs the fused AdamW kernel's found_inf; fp16's
         # loss scaling (GradScaler) and an EMA (updated only on taken steps) read the flag instead
+        # and a task's step hooks (run after taken updates only) read the flag too
         self.on_device = (parts.parallel.torch_optimizer(parts.optimizer).defaults.get("fused") is True
-                          and parts.accelerator.mixed_precision != "fp16" and parts.ema is None)
+                          and parts.accelerator.mixed_precision != "fp16" and parts.ema is None
+                          and not parts.task.has_step_hooks())
         self.nonfinite_total = torch.tensor(float(parts.state.nonfinite_total), device=device)
         self.nonfinite_streak = torch.tensor(float(parts.state.nonfinite_streak), device=device)
 
@@ -38,6 +41,7 @@ class Step:
         parts = self.parts
         device = parts.accelerator.device
         loss_sum, metrics = torch.zeros((), device=device), {}
+        parts.task.start_step(self.progress())
         for index, micro in enumerate(micro_batches):
             if index:
                 parts.preemption.check()  # several processes: every rank leaves the step at the same micro-batch
@@ -64,11 +68,16 @@ class Step:
         skipped = ((loss_bad > 0) | ~torch.isfinite(grad_norm)).float()  # [], 1.0 = skipped
         lr = parts.schedule(state.step)
         set_lr(parts.optimizer, lr)
+        scheduled = {}
+        if parts.weight_decay is not None:
+            scheduled["wd"] = parts.weight_decay(state.step)
+            set_weight_decay(parts.optimizer, scheduled["wd"])
         if self.on_device:
             parts.parallel.torch_optimizer(parts.optimizer).found_inf = skipped
             parts.optimizer.step()
         elif not skipped.item():
             parts.optimizer.step()
+            parts.task.after_update(self.progress())
             if parts.ema is not None:
                 parts.ema.update(parts.task, step=state.step)
         parts.optimizer.zero_grad(set_to_none=True)
@@ -76,7 +85,12 @@ class Step:
         self.nonfinite_streak = (self.nonfinite_streak + 1) * skipped
         state.step += 1
         state.samples_seen += samples * accelerator.num_processes
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped, **metrics}
+        return {"loss": loss, "lr": lr, **scheduled, "grad_norm": grad_norm, "skipped": skipped, **metrics}
+
+    def progress(self) -> Progress:
+        """Where the run is, for the task's step hooks: the index of the update at hand."""
+        plan = self.parts.plan
+        return Progress(self.parts.state.step, plan.total_steps, plan.steps_per_epoch)
 
     def read_counters(self) -> None:
         """The device-side count of skipped steps into the state (at logs and checkpoints)."""
@@ -86,8 +100,11 @@ class Step:
     def to_device(self, micro: dict) -> dict:
         parts = self.parts
         device = parts.accelerator.device
-        batch = {key: value.to(device, non_blocking=True) for key, value in micro.items()
-                 if isinstance(value, torch.Tensor)}  # images or cached features, labels (and e.g. fixed MAE noise)
+        batch = {key: ([view.to(device, non_blocking=True) for view in value] if isinstance(value, list)
+                       else value.to(device, non_blocking=True)) for key, value in micro.items()
+                 if isinstance(value, torch.Tensor) or (isinstance(value, list) and value
+                                                        and isinstance(value[0], torch.Tensor))}
+        # images (a list of views of several sizes: multi-crop) or cached features, labels (and e.g. fixed MAE noise)
         if "images" in batch:
             batch["images"] = parts.normalize(batch["images"], training=True)
         return batch

@@ -40,10 +40,25 @@ call what is written here and never ask which task they run.
                                         (a file claimed by two tasks is an error, whatever the import
                                         order), and what another module keeps of such a file
         config_from_state(state, recorded)   the `task:` keys a foreign file implies
+
+    and, for a method with more of the loop (an EMA teacher, schedules of its own):
+        start_step(progress)            before every optimizer step's first forward (after a resume too):
+                                        set what is a function of the step (DINO's teacher temperature)
+        after_update(progress)          after every optimizer update that was taken (not after a skipped
+                                        non-finite step), `progress.step` the update's index: DINO's EMA
+                                        teacher. A pure function of the step and the weights, so a resumed
+                                        run equals an uninterrupted one, and ranks stay equal under DDP
+                                        without a broadcast
+        evaluated_encoder()             the encoder the k-NN monitor measures and backbone.safetensors holds
+                                        (DINO's teacher); default: `encoder`
+        needs_any_image_size            its views have other sizes than model.img_size (multi-crop): the
+                                        encoder's family must say `any_image_size`
+        shardable                       False: refused with train.sharding=fsdp (a teacher kept whole)
 `register_task` refuses a class that lacks `name`, `build` or `forward`, naming it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence, Union
 
@@ -80,6 +95,24 @@ class ModelExport:
     encoder_config: dict
     timm_loadable: bool = True
     files: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run is, for a task's step hooks: `step` optimizer updates done before the one at hand
+    (so the first is 0), of `total_steps` (the schedule's length, optim.epochs), `steps_per_epoch`."""
+    step: int
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def cosine(self, start: float, end: float) -> float:
+        """start -> end by a half cosine over the run (DINO's cosine_scheduler without warm-up)."""
+        progress = min(1.0, self.step / max(1, self.total_steps))
+        return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -129,6 +162,8 @@ class Task(nn.Module):
     trains_encoder: ClassVar[bool] = True
     evaluation: ClassVar[str] = "knn"
     encoder_forwards: ClassVar[frozenset] = frozenset()
+    needs_any_image_size: ClassVar[bool] = False
+    shardable: ClassVar[bool] = True
     reconstructs: ClassVar[bool] = False
     encoder: nn.Module
 
@@ -143,6 +178,13 @@ class Task(nn.Module):
             raise ConfigError(f"task.name={cls.name} needs the encoder's {', '.join(sorted(missing))} forward, which "
                               f"model.arch={cfg.model.arch} ({family.name} encoders) does not have; use an encoder "
                               f"that does (e.g. model.arch=vit_base_patch16)")
+        if cls.needs_any_image_size and not family.any_image_size:
+            raise ConfigError(f"task.name={cls.name} runs the encoder on views of other sizes than model.img_size "
+                              f"(multi-crop), which model.arch={cfg.model.arch} ({family.name} encoders) cannot: "
+                              "its position tables or windows are fixed to one size. Use a ViT (model.arch=vit_*)")
+        if not cls.shardable and cfg.train.sharding == "fsdp":
+            raise ConfigError(f"task.name={cls.name} keeps a teacher updated from the student's whole weights "
+                              "after every step, which train.sharding=fsdp would split: use train.sharding=ddp")
 
     @classmethod
     def build(cls, cfg, num_classes: int = 0) -> "Task":
@@ -167,6 +209,20 @@ class Task(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()
 
+    def start_step(self, progress: Progress) -> None:
+        """Before every optimizer step's first forward: set what is a function of the step."""
+
+    def after_update(self, progress: Progress) -> None:
+        """After every optimizer update that was taken (progress.step: its index), e.g. an EMA teacher."""
+
+    @classmethod
+    def has_step_hooks(cls) -> bool:
+        return cls.start_step is not Task.start_step or cls.after_update is not Task.after_update
+
+    def evaluated_encoder(self) -> nn.Module:
+        """The encoder that is measured (the k-NN monitor) and exported as backbone.safetensors."""
+        return self.encoder
+
     def fsdp_units(self) -> list[nn.Module]:
         """The modules FSDP shards one by one: the encoder's blocks (its family says which), and the
         task's own blocks where it has some (MAE's decoder)."""
@@ -187,8 +243,9 @@ class Task(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The encoder's pooled features [B, D] (what its head reads): the k-NN monitor's."""
-        return self.encoder.forward_head(self.encoder.forward_features(images), pre_logits=True)
+        """The evaluated encoder's pooled features [B, D] (what its head reads): the k-NN monitor's."""
+        encoder = self.evaluated_encoder()
+        return encoder.forward_head(encoder.forward_features(images), pre_logits=True)
 
     def predict(self, batch: dict) -> Union[torch.Tensor, Sequence[torch.Tensor]]:
         """Logits for the top-k evaluation (batch["images"] normalised), or one per head."""

@@ -88,9 +88,10 @@ class MAE(Task):
         if cfg.task.decoder_dim % cfg.task.decoder_heads:
             raise ConfigError(f"task.decoder_dim={cfg.task.decoder_dim} is not divisible by "
                               f"task.decoder_heads={cfg.task.decoder_heads}")
-        if not cfg.model.get("class_token", True) or cfg.model.get("dist_token", False):
+        if not cfg.model.get("class_token", True) or cfg.model.get("dist_token", False) or \
+                cfg.model.get("reg_tokens", 0):
             raise ConfigError("MAE's encoder has exactly one prefix token, the class token: set "
-                              "model.class_token=true and model.dist_token=false")
+                              "model.class_token=true, model.dist_token=false and model.reg_tokens=0")
 
     @classmethod
     def build(cls, cfg, num_classes: int = 0) -> "MAE":
@@ -103,9 +104,9 @@ class MAE(Task):
                  decoder_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
                  mlp_ratio: float = 4.0):
         super().__init__()
-        if encoder.cls_token is None or encoder.dist_token is not None:
+        if encoder.cls_token is None or encoder.num_prefix_tokens != 1:
             raise ValueError("MAE's encoder has exactly one prefix token, the class token (class_token=True, "
-                             "dist_token=False)")
+                             "dist_token=False, reg_tokens=0)")
         check_mask_ratio(mask_ratio, "mask_ratio")
         self.encoder = encoder
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss

@@ -50,7 +50,7 @@ def _check_expressible(encoder: dict) -> None:
     problems = []
     if not arch.startswith("vit_") and arch != "custom":
         problems.append(f"arch {arch} (only our ViT)")
-    for key, wanted in (("class_token", True), ("dist_token", False), ("global_pool", "token"),
+    for key, wanted in (("class_token", True), ("dist_token", False), ("reg_tokens", 0), ("global_pool", "token"),
                         ("layer_scale_init", None), ("patch_embed", "conv"), ("qkv_bias", True)):
         if encoder.get(key, wanted) != wanted:
             problems.append(f"{key}={encoder.get(key)} (transformers' ViT has {key}={wanted})")
