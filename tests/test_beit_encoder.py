@@ -207,3 +207,42 @@ def test_a_timm_beit_file_is_read_from_its_shapes():
 def test_bad_options_are_explained(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         create_encoder("beit_base_patch16", **kwargs)
+
+
+@pytest.mark.parametrize("options", [dict(use_rel_pos_bias=True), dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
+                                     dict(use_rel_pos_bias=True, use_abs_pos_emb=True)])
+def test_a_smaller_grid_reads_the_relative_tables_by_offset(options):
+    """DINO's local crops on a BEiT encoder: a 2x3 grid of a 4x4-grid model. Each block's (and the shared)
+    relative position bias must be the large grid's bias between the same offsets: the rows and columns
+    of the class token and of the top-left 2x3 patches of the large grid's bias matrix. The model's own
+    grid is untouched afterwards."""
+    torch.manual_seed(0)
+    encoder = randomized(create_encoder("beit_base_patch16", **{**TINY, **options}, num_classes=0)).eval()
+    small = torch.randn(2, 3, 16, 24)
+    full = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = encoder.forward_features(full)
+    tables = [m for m in encoder.modules() if getattr(m, "relative_position_index", None) is not None
+              and getattr(m, "window_size", None) is not None]
+    assert tables
+    large = [m.relative_position_bias_table[m.relative_position_index.view(-1)].view(17, 17, -1) for m in tables]
+    kept = [0] + [1 + i * 4 + j for i in range(2) for j in range(3)]
+    # the same from BEiT's formula: offset (dy, dx) -> entry (dy + 3) * 7 + (dx + 3) of a 4x4 grid's table,
+    # the class token's rows, columns and corner the table's last three entries
+    cells = [(i, j) for i in range(2) for j in range(3)]
+    entry = torch.full((7, 7), 0, dtype=torch.long)
+    for q, (qi, qj) in enumerate(cells, 1):
+        for k, (ki, kj) in enumerate(cells, 1):
+            entry[q, k] = (qi - ki + 3) * 7 + (qj - kj + 3)
+    entry[0, 1:], entry[1:, 0], entry[0, 0] = 49, 50, 51
+    with encoder.other_grid((2, 3)):
+        for module, bias in zip(tables, large):
+            got = module.relative_position_bias_table[module.relative_position_index.view(-1)].view(7, 7, -1)
+            assert torch.equal(got, bias[kept][:, kept])
+            assert torch.equal(got, module.relative_position_bias_table[entry.view(-1)].view(7, 7, -1))
+    with torch.no_grad():
+        tokens = encoder.forward_features(small)
+        assert tokens.shape == (2, 1 + 6, 32) and torch.isfinite(tokens).all()
+        assert torch.equal(encoder.forward_features(full), before)  # restored
+    with pytest.raises(ValueError, match="smaller grids only"):
+        encoder.forward_features(torch.randn(1, 3, 40, 32))

@@ -168,10 +168,20 @@ def test_bad_settings_are_refused_before_anything_is_built(overrides, message):
         recipes.load(["recipe=dino_tiny_digits", *overrides])
 
 
-def test_an_encoder_that_runs_one_image_size_only_is_refused():
-    with pytest.raises(ConfigError, match="multi-crop"):
-        recipes.load(["recipe=dino_tiny_digits", "model.arch=beit_base_patch16", "model.img_size=32",
-                      "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"])
+def test_an_encoder_that_runs_one_image_size_only_is_refused_and_beits_runs():
+    with pytest.raises(ConfigError, match="multi-crop"):  # Swin: windows of one size
+        recipes.load(["recipe=dino_tiny_digits", "model.arch=swin_tiny_patch4_window7", "model.img_size=32",
+                      "model.patch_size=4", "model.embed_dim=64", "model.depths=[2,2]", "model.num_heads=[2,4]",
+                      "model.window_size=4"])
+    # BEiT's encoder runs the local crops (its relative position tables read by offset): a whole step
+    task = build(recipes.load(["recipe=dino_tiny_digits", *TINY_DINO, "model.arch=beit_base_patch16",
+                               "model.img_size=32", "model.patch_size=4", "model.global_pool=token"]))
+    views = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16)] * 2
+    task.start_step(Progress(20, 100, 10))
+    output = task({"images": views})
+    output.loss.backward()
+    task.after_update(Progress(20, 100, 10))
+    assert torch.isfinite(output.loss) and output.student.shape == (8, 64)
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -268,3 +278,42 @@ def test_two_processes_give_the_losses_teacher_and_center_of_one(tmp_path, env):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=2e-6, rtol=1e-4), key
     assert not torch.equal(a["center"], torch.zeros_like(a["center"]))
+
+
+def test_dinos_released_checkpoints_load_the_teacher_into_our_vit(tmp_path):
+    """facebookresearch/dino releases the teacher's backbone (timm's names) and full checkpoints
+    {'student': DDP-wrapped backbone and head, 'teacher': backbone and head, 'dino_loss': center,
+    'args': Namespace, ...}: both load into our ViT as the teacher's encoder, every tensor of it."""
+    import argparse
+
+    from ssl_vit import load_weights
+
+    task = tiny_dino()
+    with torch.no_grad():  # a teacher that differs from the student
+        for p in task.teacher_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    teacher = task.teacher_encoder.state_dict()
+    full = {"student": {**{f"module.backbone.{k}": v for k, v in task.encoder.state_dict().items()},
+                        **{f"module.head.{k}": v for k, v in task.head.state_dict().items()}},
+            "teacher": {**{f"backbone.{k}": v for k, v in teacher.items()},
+                        **{f"head.{k}": v for k, v in task.teacher_head.state_dict().items()}},
+            "dino_loss": {"center": task.center.clone()}, "epoch": 3, "args": argparse.Namespace(arch="vit_small")}
+    torch.save(full, tmp_path / "checkpoint.pth")
+    torch.save(teacher, tmp_path / "dino_backbone.pth")
+    for name in ("checkpoint.pth", "dino_backbone.pth"):
+        encoder = create_encoder(**task.teacher_encoder.config)
+        report = load_weights(encoder, tmp_path / name, verbose=False)
+        assert len(report.loaded) == len(teacher), name
+        assert all(torch.equal(encoder.state_dict()[k], v) for k, v in teacher.items()), name
+
+
+def test_the_pictures_are_the_teachers_class_token_attention_per_head():
+    task = tiny_dino()
+    assert task.picture_split() == "val"
+    images = torch.randn(3, 3, 32, 32)
+    grids = task.pictures(images, lambda x: (x.clamp(-1, 1) + 1) / 2)
+    (grid,) = grids.values()
+    assert list(grids) == ["teacher_attention"] and grid.shape[0] == 3 and 0 <= grid.min() <= grid.max() <= 1
+    # one column for the image, one for the mean and one per head (2 heads in TINY_DINO)
+    from ssl_vit.models.vit_attention import attention_maps
+    assert len(attention_maps(task.teacher_encoder, images, heads=True)) == 3

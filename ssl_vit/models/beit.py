@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -117,6 +118,7 @@ class BEiT(Beit):
             use_rel_pos_bias=use_rel_pos_bias, use_shared_rel_pos_bias=use_shared_rel_pos_bias, drop_rate=drop_rate,
             drop_path_rate=drop_path_rate)
         self.mask_token = None  # add_mask_token(): only for the mask-token forward (SimMIM, BEiT)
+        self.patch_embed.strict_img_size = False  # smaller grids run too: see other_grid()
 
     def init_weights(self, needs_reset: bool = True) -> None:
         """BEiT's pre-training initialisation (unilm beit/modeling_pretrain.py; SimMIM's ViT the same):
@@ -152,12 +154,18 @@ class BEiT(Beit):
         patches' embeddings are replaced by the learned mask token before the class token and positions
         are added (BEiT's `VisionTransformerForMaskedImageModeling`, SimMIM's `VisionTransformerForSimMIM`).
         Without `mask`, timm's `Beit.forward_features` step for step."""
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        if grid != self.grid_size and self._grid is None:
+            check_divisible(tuple(images.shape[-2:]), self.patch_size)
+            with self.other_grid(grid):
+                return self.forward_features(images, mask)
         x = self.patch_embed(images)                                            # [B, L, D]
         if mask is not None:
             x = replace_masked_patches(x, mask, self.mask_token)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1 + L, D]
         if self.pos_embed is not None:
-            x = x + self.pos_embed
+            x = x + (self.pos_embed if self._grid is None else resample_abs_pos_embed(
+                self.pos_embed, new_size=list(self._grid), old_size=list(self.grid_size), num_prefix_tokens=1))
         x = self.pos_drop(x)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # [heads, N, N]
         for block in self.blocks:
@@ -166,6 +174,39 @@ class BEiT(Beit):
             else:
                 x = block(x, shared_rel_pos_bias=rel_pos_bias)
         return self.norm(x)
+
+    _grid: Optional[tuple[int, int]] = None  # the grid a forward runs at (other_grid), when not the model's
+
+    @contextmanager
+    def other_grid(self, grid: tuple[int, int]) -> Iterator[None]:
+        """Run a smaller grid of patches (DINO's local crops) with the same relative position tables:
+        every (query, key) pair of the small grid reads the table entry of its offset, which the model's
+        grid has too (the small grid placed in the top-left corner of the large one: offsets are all
+        that the tables know), the class token's entries unchanged. Exact, no interpolation. The
+        absolute positions (use_abs_pos_emb) are resampled on the fly, bicubic, as the ViT's."""
+        height, width = self.grid_size
+        if grid[0] > height or grid[1] > width:
+            raise ValueError(f"a BEiT encoder of a {height}x{width} patch grid runs smaller grids only, not "
+                             f"{grid[0]}x{grid[1]}: its relative position tables hold no larger offsets")
+        kept = torch.tensor([0] + [1 + i * width + j for i in range(grid[0]) for j in range(grid[1])])
+        tables = [m for m in self.modules() if getattr(m, "relative_position_index", None) is not None
+                  and getattr(m, "window_size", None) is not None]
+        saved = [(m, m.window_size, m.relative_position_index, getattr(m, "window_area", None)) for m in tables]
+        try:
+            for module in tables:
+                index = module.relative_position_index
+                module.relative_position_index = index[kept.to(index.device)][:, kept.to(index.device)]
+                module.window_size = tuple(grid)
+                if hasattr(module, "window_area"):
+                    module.window_area = grid[0] * grid[1]
+            self._grid = tuple(grid)
+            yield
+        finally:
+            for module, window, index, area in saved:
+                module.relative_position_index, module.window_size = index, window
+                if area is not None:
+                    module.window_area = area
+            self._grid = None
 
     # ---------------------------------------------------------------------------------------
     # what tasks, optimisers and wrappers ask
@@ -239,6 +280,7 @@ class BEiTFamily(EncoderFamily):
     archs = ARCHS
     # No "visible" (MAE's subset forward): the relative position bias is laid out for the whole grid.
     masked_forwards = frozenset({"mask_token"})
+    any_image_size = True  # smaller grids, the relative position tables indexed by offset (BEiT.other_grid)
     # The relative position options are left to the recipe that loads an export: BEiT and SimMIM
     # fine-tune with a table per block, copied from the pre-trained shared one (fit_state_dict), and a
     # missing table starts at zero, which is no bias.

@@ -108,9 +108,11 @@ def unwrap(checkpoint: Any, *, use_ema: bool = False) -> tuple[dict[str, torch.T
         checkpoint, key = checkpoint[ema_keys[0]], ema_keys[0]
         notes.append(f"using the EMA weights under {key!r}")
     else:
-        for key in ("model", "state_dict", "module"):
+        for key in ("model", "state_dict", "module", "teacher"):
             if isinstance(checkpoint.get(key), Mapping):
                 checkpoint = checkpoint[key]
+                if key == "teacher":  # DINO's full checkpoints: the teacher is what DINO evaluates and releases
+                    notes.append("DINO's full checkpoint: the teacher's weights (the student's are under 'student')")
                 break
         if ema_keys:
             notes.append(f"the file also holds EMA weights ({ema_keys[0]!r}); load them with use_ema=True")

@@ -181,7 +181,8 @@ class Task(nn.Module):
         if cls.needs_any_image_size and not family.any_image_size:
             raise ConfigError(f"task.name={cls.name} runs the encoder on views of other sizes than model.img_size "
                               f"(multi-crop), which model.arch={cfg.model.arch} ({family.name} encoders) cannot: "
-                              "its position tables or windows are fixed to one size. Use a ViT (model.arch=vit_*)")
+                              "its position tables or windows are fixed to one size. Use a ViT or BEiT's encoder "
+                              "(model.arch=vit_* or beit_*)")
         if not cls.shardable and cfg.train.sharding == "fsdp":
             raise ConfigError(f"task.name={cls.name} keeps a teacher updated from the student's whole weights "
                               "after every step, which train.sharding=fsdp would split: use train.sharding=ddp")
