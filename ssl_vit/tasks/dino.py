@@ -50,7 +50,7 @@ class DINOConfig(TaskConfig):
     out_dim: int = 65536                  # K prototypes (appendix, table 9: 65536 works best)
     hidden_dim: int = 2048                # projection head: 3-layer MLP, hidden 2048, GELU (§3.1)
     bottleneck_dim: int = 256             # then l2-normalised, 256-d, into the weight-normalised last layer
-    head_layers: int = 3
+    head_layers: int = 3                  # layers of the MLP before the bottleneck (§3.1: 3)
     norm_last_layer: bool = True          # the last layer's norm fixed at 1 (main_dino.py; False for ViT-S there)
     student_temp: float = 0.1             # tau_s (§3.1)
     teacher_temp: float = 0.04            # tau_t after the warm-up (0.04 .. 0.07, appendix D)
@@ -65,7 +65,7 @@ class DINOConfig(TaskConfig):
     local_crop_size: int = 96             # px, of a 224-px model (§3.1)
     hflip: float = 0.5                    # flip probability of every view (BYOL's augmentations, §3.1)
     color_jitter: float = 0.8             # probability of ColorJitter(0.4, 0.4, 0.2, 0.1)
-    grayscale: float = 0.2
+    grayscale: float = 0.2                # probability of turning a view grey (BYOL's, §3.1)
     blur: List[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])   # Gaussian blur p: global 1, global 2, local
     blur_radius: List[float] = field(default_factory=lambda: [0.1, 2.0])  # PIL radius, uniform (BYOL)
     solarization: float = 0.2             # on the second global view only
